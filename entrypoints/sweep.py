@@ -1,0 +1,63 @@
+"""Search hyperparameters with Optuna (each trial an MLflow child run), then promote the best model.
+
+    python -m entrypoints.sweep                      # default preset: 8 trials, <= 30 min on 2 CPU cores
+    python -m entrypoints.sweep --preset quick       # a few minutes, for demos and CI
+    mlflow run . -e sweep --env-manager local -P preset=quick
+Interrupt it (Ctrl-C) and start it again with the same --study: it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import mlflow
+
+from entrypoints.promote import report
+from fmnist_pyfunc import cli, config, data, registry, sweep, tracking
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(sweep.PRESETS), default="default",
+                        help="search space and budget (default: %(default)s)")
+    parser.add_argument("--n-trials", type=int, default=0,
+                        help="trials to complete in the study, across restarts and workers (default: the preset's)")
+    parser.add_argument("--timeout-minutes", type=float, default=0,
+                        help="start no new trial after this long (default: the preset's)")
+    parser.add_argument("--n-jobs", type=int, default=1, help="parallel trials in this process (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=config.TRAIN_DEFAULTS["seed"],
+                        help="sampler seed and the trials' training seed (default: %(default)s)")
+    parser.add_argument("--storage", default=sweep.DEFAULT_STORAGE,
+                        help="Optuna storage URL, e.g. postgresql://user@host/db (default: %(default)s)")
+    parser.add_argument("--study", default=sweep.DEFAULT_STUDY, help="Optuna study name (default: %(default)s)")
+    parser.add_argument("--promote", type=cli.parse_bool, default=True,
+                        help="promote the best trial's model at the end (default: %(default)s)")
+    cli.add_experiment_argument(parser)
+    args = parser.parse_args(argv)
+    if args.n_trials < 0 or args.timeout_minutes < 0 or args.n_jobs < 1:
+        parser.error("--n-trials and --timeout-minutes must be >= 0 and --n-jobs >= 1")
+    try:
+        dataset = data.load()
+    except data.DataError as exc:
+        parser.error(str(exc))
+    tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
+    if "MLFLOW_RUN_ID" not in os.environ:
+        mlflow.set_experiment(args.experiment)
+    with mlflow.start_run(run_name=f"sweep-{args.study}"):
+        study, best_run_id = sweep.run_sweep(args.preset, args.n_trials, args.timeout_minutes, args.n_jobs,
+                                             args.seed, args.storage, args.study, dataset)
+        if best_run_id is None:
+            print("[sweep] no trial completed; nothing to promote", file=sys.stderr)
+            return 1
+        print(f"[sweep] best trial {study.best_trial.number}: val_accuracy {study.best_value:.4f}, run {best_run_id}")
+        if args.promote:
+            decision = registry.promote(best_run_id, dataset)
+            registry.log_decision(decision)
+            report(decision)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Train one model and log it to MLflow as a pyfunc model.
+
+    python -m entrypoints.train --epochs 3 --width 16
+    mlflow run . -e train --env-manager local -P epochs=3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import mlflow
+
+from fmnist_pyfunc import cli, config, data, tracking
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_training_arguments(parser)
+    cli.add_experiment_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.validate(cli.training_config(args))
+        dataset = data.load()  # before any run exists: a data problem leaves nothing half-written
+    except (ValueError, data.DataError) as exc:
+        parser.error(str(exc))
+    tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
+    if "MLFLOW_RUN_ID" not in os.environ:  # under `mlflow run` the run (and its experiment) exists already
+        mlflow.set_experiment(args.experiment)
+    run_id = tracking.run_training(cfg, dataset)
+    test_accuracy = mlflow.get_run(run_id).data.metrics["test_accuracy"]
+    print(f"run {run_id}: test_accuracy={test_accuracy:.4f} (tracking: {mlflow.get_tracking_uri()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

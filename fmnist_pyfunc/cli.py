@@ -1,0 +1,37 @@
+"""Shared argparse helpers: every training parameter becomes a flag whose default is TRAIN_DEFAULTS'."""
+
+from __future__ import annotations
+
+import argparse
+
+from fmnist_pyfunc.config import ARCHS, AUGMENTS, DEVICES, EXPERIMENT_NAME, TRAIN_DEFAULTS
+
+CHOICES = {"arch": ARCHS, "augment": AUGMENTS, "device": DEVICES}
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("training parameters (MLproject's train entry point mirrors these)")
+    for name, default in TRAIN_DEFAULTS.items():
+        kind = parse_bool if isinstance(default, bool) else type(default)
+        metavar = None if name in CHOICES else ("BOOL" if kind is parse_bool else kind.__name__.upper())
+        group.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=default,
+                           choices=CHOICES.get(name), metavar=metavar,
+                           help="(default: %(default)s)")
+
+
+def add_experiment_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", default=EXPERIMENT_NAME,
+                        help="MLflow experiment to log to (default: %(default)s)")
+
+
+def training_config(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in TRAIN_DEFAULTS}

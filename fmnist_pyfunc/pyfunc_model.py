@@ -1,0 +1,69 @@
+"""The served model: an `mlflow.pyfunc.PythonModel` that carries its own preprocessing.
+
+Logged with MLflow's models-from-code (`model_code.py`), so loading unpickles nothing of ours; the
+weights are a plain state dict read with `torch.load(weights_only=True)`.
+
+JSON contract of `/invocations` (one row per image, exactly one of the two columns per row):
+    {"dataframe_records": [{"pixels": [[0, 0, ...28 values], ...28 rows]},
+                           {"image": "<base64 PNG or JPEG>"}]}
+Response: {"predictions": [{"class_index": 9, "class_name": "Ankle boot", "probabilities": [...10]}]}
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+
+from fmnist_pyfunc import preprocessing
+from fmnist_pyfunc.config import CLASS_NAMES
+from fmnist_pyfunc.data import PIXEL_MEAN, PIXEL_STD
+from fmnist_pyfunc.models import build
+
+WEIGHTS_ARTIFACT = "weights"        # state dict, torch.save format
+CONFIG_ARTIFACT = "model_config"    # JSON: arch, width, depth, dropout, tta
+# `pixels` is AnyType: MLflow's Array(Array(double)) rejects integer pixels and checks every value in
+# Python (~250 ms for 256 images); our own checks in `preprocessing` are vectorised and say more.
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(AnyType(), "pixels", required=False), ColSpec(DataType.string, "image", required=False)]),
+    outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name"),
+                    ColSpec(Array(DataType.double), "probabilities")]),
+)
+
+
+class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        with open(context.artifacts[CONFIG_ARTIFACT]) as f:
+            self.config = json.load(f)
+        self.network = build(self.config["arch"], self.config["width"], self.config["depth"], self.config["dropout"])
+        state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)
+        self.network.load_state_dict(state)
+        self.network.eval()
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        try:
+            batch = preprocessing.frame_to_batch(model_input)
+        except preprocessing.InputError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        probabilities = self.predict_proba(batch)
+        indices = probabilities.argmax(1)
+        return pd.DataFrame({
+            "class_index": indices.astype(np.int64),
+            "class_name": [CLASS_NAMES[i] for i in indices],
+            "probabilities": [row.astype(np.float64).tolist() for row in probabilities],
+        })
+
+    @torch.inference_mode()
+    def predict_proba(self, batch: np.ndarray) -> np.ndarray:
+        """float32 (N, 28, 28) on the 0-255 scale -> (N, 10) class probabilities."""
+        x = (torch.from_numpy(batch).unsqueeze(1) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+        logits = self.network(x)
+        if self.config["tta"]:
+            logits = (logits + self.network(x.flip(3))) / 2
+        return logits.softmax(1).numpy()

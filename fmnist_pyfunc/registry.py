@@ -1,0 +1,154 @@
+"""Model Registry: pick the best run, register it, and promote it through a champion/challenger gate.
+
+Selection among runs uses validation accuracy only. The gate compares the challenger with the current
+Production model on the 10k test set, through each model's own pyfunc (preprocessing included): it is
+the one set that no run trained or selected on (validation splits differ per seed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import ViewType
+from mlflow.tracking import MlflowClient
+
+from fmnist_pyfunc import data as fdata
+from fmnist_pyfunc.config import REGISTERED_MODEL_NAME
+from fmnist_pyfunc.tracking import MODEL_URI_TAG, SELECTION_METRIC
+
+PRODUCTION = "Production"
+ARCHIVED = "Archived"
+CHAMPION_ALIAS = "champion"
+GATE_BATCH_ROWS = 1000  # rows per pyfunc call: the serving limit is 1024 rows per request
+
+
+class PromotionError(RuntimeError):
+    """Nothing to promote (no such run, no finished run with a model); the message says why."""
+
+
+@dataclass
+class Decision:
+    version: str
+    promoted: bool
+    reason: str
+    challenger_accuracy: float | None = None
+    champion_version: str | None = None
+    champion_accuracy: float | None = None
+
+
+@contextmanager
+def _stages_quietly():
+    """Stages are deprecated in MLflow 3 but still the documented contract here: hide only that warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*[Ss]tage.*")
+        yield
+
+
+def best_run(experiment: str | None = None, parent_run_id: str | None = None) -> str:
+    """Id of the finished run with the highest validation accuracy (in an experiment, or a sweep's children)."""
+    client = MlflowClient()
+    if parent_run_id:
+        experiment_ids = [client.get_run(parent_run_id).info.experiment_id]
+        query = f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'"
+    else:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise PromotionError(f"experiment {experiment!r} does not exist")
+        experiment_ids, query = [found.experiment_id], "attributes.status = 'FINISHED'"
+    runs = client.search_runs(experiment_ids, f"{query} and metrics.{SELECTION_METRIC} > 0",
+                              run_view_type=ViewType.ACTIVE_ONLY, order_by=[f"metrics.{SELECTION_METRIC} DESC"],
+                              max_results=1)
+    if not runs:
+        raise PromotionError(f"no finished run with {SELECTION_METRIC} in {parent_run_id or experiment!r}")
+    return runs[0].info.run_id
+
+
+def heldout_accuracy(model_uri: str, dataset: fdata.FashionMNIST) -> float:
+    """Accuracy of a registered model on the 10k test set, through its pyfunc interface."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    predictions = []
+    for start in range(0, len(dataset.test_images), GATE_BATCH_ROWS):
+        chunk = dataset.test_images[start:start + GATE_BATCH_ROWS]
+        frame = pd.DataFrame({"pixels": list(chunk.astype(np.float32))})
+        predictions.append(model.predict(frame)["class_index"].to_numpy())
+    return float((np.concatenate(predictions) == dataset.test_labels).mean())
+
+
+def register(run_id: str) -> str:
+    """The model version of `run_id`, registering it only the first time (so promote is idempotent)."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise PromotionError(f"run {run_id!r} not found") from exc
+    if run.info.status != "FINISHED" or MODEL_URI_TAG not in run.data.tags:
+        raise PromotionError(f"run {run_id} is {run.info.status} without a logged model; only finished runs qualify")
+    existing = client.search_model_versions(f"name = '{REGISTERED_MODEL_NAME}' and run_id = '{run_id}'")
+    if existing:
+        return existing[0].version
+    version = mlflow.register_model(run.data.tags[MODEL_URI_TAG], REGISTERED_MODEL_NAME).version
+    metrics, tags = run.data.metrics, run.data.tags
+    for key, value in {"run_id": run_id, "val_accuracy": f"{metrics[SELECTION_METRIC]:.4f}",
+                       "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}",
+                       "git_commit": tags.get("git_commit", "unknown"),
+                       "data_checksum": tags.get("data_checksum", "unknown")}.items():
+        client.set_model_version_tag(REGISTERED_MODEL_NAME, version, key, value)
+    params = run.data.params
+    client.update_model_version(
+        REGISTERED_MODEL_NAME, version,
+        description=(f"Fashion-MNIST classifier ({params.get('arch')}, width {params.get('width')}, depth "
+                     f"{params.get('depth')}, {params.get('epochs')} epochs) from run {run_id}. Validation accuracy "
+                     f"{metrics[SELECTION_METRIC]:.4f}, test accuracy {metrics.get('test_accuracy', float('nan')):.4f}."
+                     " Input: 28x28 pixels (0-255) or base64 PNG/JPEG; output: class index, name, probabilities."))
+    return version
+
+
+def current_production() -> str | None:
+    client = MlflowClient()
+    with _stages_quietly():
+        try:
+            versions = client.get_latest_versions(REGISTERED_MODEL_NAME, stages=[PRODUCTION])
+        except mlflow.exceptions.MlflowException:
+            return None  # the registered model does not exist yet
+    return versions[0].version if versions else None
+
+
+def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> Decision:
+    """Register `run_id`'s model and make it Production + champion if it beats the current Production."""
+    version = register(run_id)
+    champion = current_production()
+    if champion == version:
+        return Decision(version, promoted=False, reason=f"version {version} is already in {PRODUCTION}")
+    uri = f"models:/{REGISTERED_MODEL_NAME}/{version}"
+    decision = Decision(version, promoted=True, reason="no model in Production yet",
+                        challenger_accuracy=heldout_accuracy(uri, dataset), champion_version=champion)
+    if champion is not None:
+        decision.champion_accuracy = heldout_accuracy(f"models:/{REGISTERED_MODEL_NAME}/{champion}", dataset)
+        beats = decision.challenger_accuracy > decision.champion_accuracy
+        decision.promoted = beats or force
+        comparison = (f"challenger v{version} {decision.challenger_accuracy:.4f} vs champion v{champion} "
+                      f"{decision.champion_accuracy:.4f} on the 10k test set")
+        decision.reason = f"{comparison}: {'better' if beats else 'not better'}" + (", forced" if force else "")
+    client = MlflowClient()
+    client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "promotion_decision",
+                                 ("promoted: " if decision.promoted else "rejected: ") + decision.reason)
+    if decision.promoted:
+        with _stages_quietly():
+            client.transition_model_version_stage(REGISTERED_MODEL_NAME, version, PRODUCTION,
+                                                  archive_existing_versions=True)
+        client.set_registered_model_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS, version)
+    return decision
+
+
+def log_decision(decision: Decision) -> None:
+    """Record the decision and both scores in the active MLflow run."""
+    mlflow.set_tags({"promotion.version": decision.version, "promotion.promoted": str(decision.promoted).lower(),
+                     "promotion.reason": decision.reason})
+    scores = {"challenger_test_accuracy": decision.challenger_accuracy,
+              "champion_test_accuracy": decision.champion_accuracy}
+    mlflow.log_metrics({k: v for k, v in scores.items() if v is not None})

@@ -1,0 +1,100 @@
+"""Evaluation artifacts: confusion matrix, misclassified examples, per-class scores, learning curves."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: runs in CI and on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fmnist_pyfunc.config import CLASS_NAMES  # noqa: E402
+
+MISCLASSIFIED_GRID = (5, 8)  # rows x columns of the grid of wrong test predictions
+FIGURE_DPI = 110
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    matrix = np.zeros((len(CLASS_NAMES), len(CLASS_NAMES)), dtype=np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def per_class_scores(matrix: np.ndarray) -> dict:
+    """Precision, recall and F1 per class from a confusion matrix (rows = true labels)."""
+    true_pos = np.diag(matrix).astype(float)
+    precision = true_pos / np.maximum(matrix.sum(0), 1)
+    recall = true_pos / np.maximum(matrix.sum(1), 1)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    return {name: {"precision": round(float(p), 4), "recall": round(float(r), 4), "f1": round(float(f), 4),
+                   "support": int(s)}
+            for name, p, r, f, s in zip(CLASS_NAMES, precision, recall, f1, matrix.sum(1), strict=True)}
+
+
+def plot_confusion_matrix(matrix: np.ndarray):
+    fig, ax = plt.subplots(figsize=(7.5, 6.5), dpi=FIGURE_DPI)
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = matrix.max() / 2
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > threshold else "black")
+    ax.set_title("Test-set confusion matrix")
+    fig.tight_layout()
+    return fig
+
+
+def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, confidence: np.ndarray):
+    """The most confidently wrong test predictions, captioned 'true -> predicted (p)'."""
+    wrong = np.flatnonzero(labels != predictions)
+    wrong = wrong[np.argsort(-confidence[wrong])]
+    rows, cols = MISCLASSIFIED_GRID
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), dpi=FIGURE_DPI)
+    for ax, idx in zip(axes.flat, (list(wrong) + [None] * rows * cols)[: rows * cols], strict=True):
+        ax.axis("off")
+        if idx is None:
+            continue
+        ax.imshow(images[idx], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"{CLASS_NAMES[labels[idx]]}\n-> {CLASS_NAMES[predictions[idx]]} ({confidence[idx]:.2f})",
+                     fontsize=6)
+    fig.suptitle("Most confident test mistakes (true -> predicted)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(history: list[dict]):
+    epochs = np.arange(1, len(history) + 1)
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), dpi=FIGURE_DPI)
+    for split in ("train", "val"):
+        ax_loss.plot(epochs, [h[f"{split}_loss"] for h in history], marker="o", label=split)
+        ax_acc.plot(epochs, [h[f"{split}_accuracy"] for h in history], marker="o", label=split)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss (train: augmented, label-smoothed)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(trials: list[tuple[int, float | None, str, list[float]]]):
+    """Left: each trial's best validation accuracy and the running best. Right: per-epoch curves."""
+    fig, (ax_trials, ax_curves) = plt.subplots(1, 2, figsize=(11, 4), dpi=FIGURE_DPI)
+    done = [(n, v) for n, v, _, _ in trials if v is not None]
+    if done:
+        numbers, values = zip(*done, strict=True)
+        ax_trials.scatter(numbers, values, label="complete trial")
+        ax_trials.plot(numbers, np.maximum.accumulate(values), color="C1", label="best so far")
+    for n, _, state, curve in trials:
+        ax_curves.plot(range(1, len(curve) + 1), curve, alpha=0.8, linestyle="--" if state == "PRUNED" else "-",
+                       label=f"trial {n} ({state.lower()})")
+    ax_trials.set(xlabel="trial", ylabel="best validation accuracy", title="Search progress")
+    ax_curves.set(xlabel="epoch", ylabel="validation accuracy", title="Trials (dashed: pruned)")
+    for ax in (ax_trials, ax_curves):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,180 @@
+"""Hyperparameter search with Optuna (TPE sampling, median pruning); every trial is an MLflow child run.
+
+The study lives in Optuna storage (SQLite beside mlflow.db by default, PostgreSQL for teams), so a sweep
+that is interrupted and started again with the same study name continues where it stopped. Trials left
+RUNNING by a killed process are failed through Optuna's heartbeat, and their MLflow runs marked KILLED.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import mlflow
+import optuna
+import torch
+from mlflow.tracking import MlflowClient
+
+from fmnist_pyfunc import config, reporting, tracking
+from fmnist_pyfunc import data as fdata
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+DEFAULT_STUDY = "fmnist-sweep"
+HEARTBEAT_SECONDS = 20     # a RUNNING trial whose worker is silent this long...
+GRACE_SECONDS = 60         # ...plus this is failed as stale (its worker was killed)
+PRUNER_STARTUP_TRIALS = 2  # trials that always run to the end, to give the median a baseline
+PRUNER_WARMUP_EPOCHS = 3   # early epochs are noisy under a one-cycle schedule: never prune there
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_trials: int
+    timeout_minutes: float  # no new trial starts after this; a running trial finishes
+    fixed: dict             # training parameters every trial shares (on top of TRAIN_DEFAULTS)
+    description: str
+
+
+PRESETS = {
+    # ~3-4 min per full trial on 2 CPU cores: 8 trials, pruning and the deadline keep it under 30 min.
+    "default": Preset(n_trials=8, timeout_minutes=24, fixed={},
+                      description="CNN width, lr, weight decay, label smoothing, dropout, augmentation"),
+    # Demos and CI: 3 epochs on a 10k-image slice, ~10 s a trial.
+    "quick": Preset(n_trials=6, timeout_minutes=5,
+                    fixed={"epochs": 3, "max_train_samples": 10000, "val_size": 1000},
+                    description="small CNNs on a 10k-image slice, 3 epochs"),
+}
+
+
+SEARCHED = ("width", "lr", "weight_decay", "label_smoothing", "dropout", "augment")
+
+
+def suggest(trial: optuna.Trial, preset: str) -> dict:
+    """The search space: the parameters that moved validation accuracy in our runs, in sensible ranges."""
+    widths = [24, 32, 40] if preset == "default" else [8, 16]
+    return {
+        "width": trial.suggest_categorical("width", widths),
+        "lr": trial.suggest_float("lr", 0.03, 0.3, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-4, 2e-3, log=True),
+        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.15),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+        "augment": trial.suggest_categorical("augment", ["flip", "flip_shift"]),
+    }
+
+
+def search_space_description(preset: str) -> dict:
+    """The space as data, for the parent run (sampled from a throwaway trial's distributions)."""
+    trial = optuna.create_study().ask()
+    suggest(trial, preset)
+    return {name: repr(dist) for name, dist in trial.distributions.items()}
+
+
+def _mark_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna failed a stale trial (its worker died): close its MLflow run as KILLED too."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id and MlflowClient().get_run(run_id).info.status == "RUNNING":
+        MlflowClient().set_terminated(run_id, status="KILLED")
+        MlflowClient().set_tag(run_id, "optuna.state", "FAIL (worker killed)")
+
+
+def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
+    # Heartbeats are marked experimental, but they are Optuna's documented way to fail a dead worker's trials.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, message=".*heartbeat.*")
+    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS,
+                                         grace_period=GRACE_SECONDS,
+                                         heartbeat_stale_trial_callback=_mark_killed)
+    return optuna.create_study(
+        study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS),
+    )
+
+
+def make_objective(preset: str, dataset: fdata.FashionMNIST, parent_run_id: str, base: dict):
+    def objective(trial: optuna.Trial) -> float:
+        cfg = config.validate({**base, **suggest(trial, preset)})
+
+        def report(epoch: int, metrics: dict) -> None:
+            if "mlflow_run_id" not in trial.user_attrs:
+                run_id = mlflow.active_run().info.run_id
+                trial.set_user_attr("mlflow_run_id", run_id)
+                mlflow.set_tags({"optuna.study": trial.study.study_name, "optuna.trial": trial.number})
+            trial.report(metrics["val_accuracy"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_accuracy {metrics['val_accuracy']:.4f} < median at epoch {epoch}")
+
+        try:
+            run_id = tracking.run_training(cfg, dataset, parent_run_id=parent_run_id, on_epoch=report,
+                                           progress=False, run_name=f"trial-{trial.number}")
+        except optuna.TrialPruned:
+            run_id = trial.user_attrs.get("mlflow_run_id")
+            if run_id:
+                MlflowClient().set_terminated(run_id, status="KILLED")
+                MlflowClient().set_tag(run_id, "optuna.state", "PRUNED")
+            raise
+        return MlflowClient().get_run(run_id).data.metrics[tracking.SELECTION_METRIC]
+
+    return objective
+
+
+def progress_printer(n_trials: int, started: float):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done = [t for t in study.trials if t.state.is_finished()]
+        value = f"{trial.value:.4f}" if trial.value is not None else "-"
+        best = f"{study.best_value:.4f}" if any(t.value is not None for t in done) else "-"
+        elapsed = time.time() - started
+        mean = elapsed / max(1, len(done))
+        left = max(0, n_trials - len(done))
+        print(f"[sweep] trial {trial.number} {trial.state.name}: val_acc {value} | best {best} | "
+              f"{len(done)}/{n_trials} done | {elapsed / 60:.1f} min elapsed, ~{left * mean / 60:.1f} min left",
+              flush=True)
+    return callback
+
+
+def log_summary(study: optuna.Study, preset: str) -> str | None:
+    """Log the search space, the trial table, a plot of the search and the best trial to the parent run."""
+    mlflow.log_dict(search_space_description(preset), "sweep/search_space.json")
+    trials = [t for t in study.trials if t.state.is_finished()]
+    mlflow.log_dict([{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                      "mlflow_run_id": t.user_attrs.get("mlflow_run_id")} for t in trials], "sweep/trials.json")
+    figure = reporting.plot_sweep([(t.number, t.value, t.state.name, list(t.intermediate_values.values()))
+                                   for t in trials])
+    mlflow.log_figure(figure, "sweep/search.png")
+    reporting.plt.close(figure)
+    completed = [t for t in trials if t.value is not None]
+    if not completed:
+        return None
+    best = study.best_trial
+    mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
+    mlflow.log_metrics({"best_val_accuracy": best.value, "trials_complete": len(completed),
+                        "trials_pruned": sum(t.state.name == "PRUNED" for t in trials),
+                        "trials_failed": sum(t.state.name == "FAIL" for t in trials)})
+    mlflow.set_tag("best_run_id", best.user_attrs["mlflow_run_id"])
+    return best.user_attrs["mlflow_run_id"]
+
+
+def run_sweep(preset: str, n_trials: int, timeout_minutes: float, n_jobs: int, seed: int, storage: str,
+              study_name: str, dataset: fdata.FashionMNIST) -> tuple[optuna.Study, str | None]:
+    """Run (or continue) the study inside the active MLflow run; return the study and the best run id."""
+    chosen = PRESETS[preset]
+    n_trials = n_trials or chosen.n_trials
+    timeout_minutes = timeout_minutes or chosen.timeout_minutes
+    base = {**config.TRAIN_DEFAULTS, **chosen.fixed, "seed": seed}  # one seed: all trials share the val split
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))  # workers share the cores
+    study = open_study(study_name, storage, seed)
+    parent = mlflow.active_run()
+    mlflow.set_tags({"optuna.study": study_name, "optuna.storage": storage.split("@")[-1], "sweep.preset": preset})
+    if preset == "default" and not study.trials:
+        study.enqueue_trial({k: base[k] for k in SEARCHED})  # the known-good defaults are trial 0
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    remaining = n_trials - len(study.get_trials(deepcopy=False, states=counted))
+    print(f"[sweep] study {study_name!r}: {n_trials - remaining} of {n_trials} trials already done", flush=True)
+    if remaining > 0:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        # MaxTrialsCallback counts every worker's trials, so parallel workers stop at the shared budget.
+        study.optimize(make_objective(preset, dataset, parent.info.run_id, base), n_trials=remaining,
+                       timeout=timeout_minutes * 60, n_jobs=n_jobs, catch=(Exception,),
+                       callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=counted),
+                                  progress_printer(n_trials, time.time())])
+    return study, log_summary(study, preset)

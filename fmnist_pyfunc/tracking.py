@@ -1,0 +1,133 @@
+"""One MLflow run of training: resolved config, provenance, per-epoch metrics, evaluation, the model.
+
+Shared by the `train` entry point and every sweep trial, so both log exactly the same things.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import tempfile
+from collections.abc import Callable
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from fmnist_pyfunc import data as fdata
+from fmnist_pyfunc import models, reporting, training
+from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+MODEL_NAME_IN_RUN = "model"
+MODEL_URI_TAG = "model_uri"
+SERVING_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow")
+SELECTION_METRIC = "best_val_accuracy"  # what the sweep optimises and promote ranks by; never test data
+
+
+def git_commit() -> str:
+    """HEAD's commit, suffixed '-dirty' when tracked files have changes; 'unknown' outside git."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO_DIR, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def set_tracking_uri_default(default: str) -> None:
+    """Honour MLFLOW_TRACKING_URI; otherwise use the project's local SQLite store."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(default)
+
+
+def _png_base64(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def input_example(dataset: fdata.FashionMNIST) -> pd.DataFrame:
+    """Both input kinds of the JSON contract, built from real test images."""
+    return pd.DataFrame([
+        {"pixels": dataset.test_images[0].tolist(), "image": None},
+        {"pixels": None, "image": _png_base64(dataset.test_images[1])},
+    ])
+
+
+def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: fdata.FashionMNIST) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, config = Path(tmp, "weights.pt"), Path(tmp, "model_config.json")
+        state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+        torch.save(state, weights)
+        config.write_text(json.dumps({k: cfg[k] for k in ("arch", "width", "depth", "dropout", "tta")}))
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(PACKAGE_DIR / "model_code.py"),
+            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=SIGNATURE,
+            input_example=input_example(dataset),
+            pip_requirements=[f"{name}=={version(name)}" for name in SERVING_REQUIREMENTS],
+        )
+    # MLflow 3 stores models outside the run's artifacts: this tag is how registry and tests find it.
+    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+
+
+def log_evaluation(result: training.TrainResult, cfg: dict, dataset: fdata.FashionMNIST) -> float:
+    """Evaluate once on the 10k test set; log the metric and the report artifacts."""
+    labels = torch.from_numpy(dataset.test_labels)
+    test = training.evaluate(result.model, fdata.to_tensor(dataset.test_images), labels, cfg["tta"])
+    probabilities = test["probabilities"].numpy()
+    predictions, confidence = probabilities.argmax(1), probabilities.max(1)
+    matrix = reporting.confusion_matrix(dataset.test_labels, predictions)
+    mlflow.log_metrics({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+    mlflow.log_dict(reporting.per_class_scores(matrix), "evaluation/per_class_metrics.json")
+    mlflow.log_figure(reporting.plot_confusion_matrix(matrix), "evaluation/confusion_matrix.png")
+    mlflow.log_figure(reporting.plot_misclassified(dataset.test_images, dataset.test_labels, predictions, confidence),
+                      "evaluation/misclassified.png")
+    mlflow.log_figure(reporting.plot_learning_curves(result.history), "evaluation/learning_curves.png")
+    reporting.plt.close("all")
+    return test["accuracy"]
+
+
+def run_training(cfg: dict, dataset: fdata.FashionMNIST, parent_run_id: str | None = None,
+                 on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
+                 run_name: str | None = None) -> str:
+    """Train with `cfg` inside an MLflow run (a child of `parent_run_id` if given); return the run id.
+
+    An exception (a pruned or failed trial, Ctrl-C) leaves the run marked FAILED/KILLED, never FINISHED.
+    """
+    with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, nested=parent_run_id is not None) as run:
+        device = training.resolve_device(cfg["device"])
+        # Under `mlflow run` the project has logged the -P values already, as typed ("1e-1", "true").
+        logged = run.data.params
+        mlflow.log_params({k: v for k, v in {**cfg, "resolved_device": str(device)}.items() if k not in logged})
+        mlflow.set_tags({"git_commit": git_commit(), "data_checksum": dataset.checksum,
+                         "data_source": str(dataset.source), "torch_version": torch.__version__})
+        mlflow.log_dict(cfg, "config.json")
+
+        def log_epoch(epoch: int, metrics: dict) -> None:
+            mlflow.log_metrics(metrics, step=epoch)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+
+        result = training.train(cfg, dataset, on_epoch=log_epoch, progress=progress)
+        mlflow.log_metrics({
+            SELECTION_METRIC: result.best_val_accuracy,
+            "best_epoch": result.best_epoch,
+            "train_seconds": result.train_seconds,
+            "num_parameters": models.count_parameters(result.model),
+        })
+        log_evaluation(result, cfg, dataset)
+        log_pyfunc_model(result, cfg, dataset)
+        return run.info.run_id

@@ -1,0 +1,91 @@
+"""Data module: verified loading, clear errors, a seeded stratified split, batch augmentation."""
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fmnist_pyfunc import data
+from fmnist_pyfunc.config import AUGMENTS
+
+
+def test_load_gives_the_real_dataset(dataset):
+    assert dataset.train_images.shape == (60000, 28, 28) and dataset.train_images.dtype == np.uint8
+    assert dataset.test_images.shape == (10000, 28, 28)
+    assert np.bincount(dataset.train_labels).tolist() == [6000] * 10
+    assert np.bincount(dataset.test_labels).tolist() == [1000] * 10
+    assert len(dataset.checksum) == 64
+
+
+def _copy_files(tmp_path):
+    for name, _ in data.FILES.values():
+        shutil.copy(data.find_data_dir(download=False) / name, tmp_path / name)
+    return tmp_path
+
+
+def test_data_dir_env_is_used_first(tmp_path, monkeypatch):
+    folder = _copy_files(tmp_path)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(folder))
+    assert data.find_data_dir() == folder
+
+
+def test_missing_file_error_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    folder = _copy_files(tmp_path)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(folder))
+    with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz.*apt-get install dataset-fashion-mnist"):
+        data.load()
+
+
+def test_corrupt_file_is_detected_by_checksum(tmp_path):
+    folder = _copy_files(tmp_path)
+    path = folder / "train-labels-idx1-ubyte.gz"
+    content = bytearray(gzip.decompress(path.read_bytes()))
+    content[100] = (content[100] + 1) % 10  # one label changed: still a valid gzip and IDX file
+    path.write_bytes(gzip.compress(bytes(content)))
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte.gz.*corrupt"):
+        data.load(folder)
+
+
+def test_truncated_gzip_is_reported_as_corrupt(tmp_path):
+    folder = _copy_files(tmp_path)
+    path = folder / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte.gz"):
+        data.load(folder)
+
+
+def test_recompressed_files_still_verify(tmp_path, dataset):
+    """Checksums cover content, so Debian's and upstream's differently-compressed files both pass."""
+    folder = _copy_files(tmp_path)
+    for name, _ in data.FILES.values():
+        path = folder / name
+        path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()), compresslevel=1))
+    assert data.load(folder).checksum == dataset.checksum
+
+
+def test_split_is_stratified_disjoint_and_seeded(dataset):
+    train_idx, val_idx = data.stratified_split(dataset.train_labels, 5000, seed=3)
+    assert len(val_idx) == 5000 and len(train_idx) == 55000
+    assert not set(train_idx) & set(val_idx)
+    assert np.bincount(dataset.train_labels[val_idx]).tolist() == [500] * 10
+    again, _ = data.stratified_split(dataset.train_labels, 5000, seed=3)
+    other, _ = data.stratified_split(dataset.train_labels, 5000, seed=4)
+    assert np.array_equal(train_idx, again) and not np.array_equal(train_idx, other)
+
+
+def test_augment_keeps_shape_and_content(dataset):
+    images = data.to_tensor(dataset.test_images[:64])
+    generator = torch.Generator().manual_seed(0)
+    for kind in AUGMENTS:
+        out = data.augment(images, kind, generator)
+        assert out.shape == images.shape
+    assert torch.equal(data.augment(images, "none", generator), images)
+    flipped = data.augment(images, "flip", generator)
+    for original, result in zip(images, flipped, strict=True):
+        assert torch.equal(result, original) or torch.equal(result, original.flip(2))
+    shifted = data.augment(images, "shift", generator)
+    # A shift moves pixels but never invents brightness beyond the original's.
+    assert shifted.max() <= images.max() + 1e-6 and shifted.min() >= data.NORMALISED_BLACK - 1e-6

@@ -1,0 +1,144 @@
+"""Preprocessing: every input kind becomes a dataset-like 28x28 image; bad input gets a clear InputError."""
+
+import base64
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import png_base64
+from PIL import Image
+
+from fmnist_pyfunc import preprocessing as pre
+
+MAX_SHIFT = 2  # re-centring a trimmed garment may move it by a pixel or two; that is not a difference
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pixel correlation of two 28x28 images, at the best alignment within +-MAX_SHIFT pixels."""
+    shifts = range(-MAX_SHIFT, MAX_SHIFT + 1)
+    return max(float(np.corrcoef(np.roll(a, (dy, dx), axis=(0, 1)).ravel(), b.ravel())[0, 1])
+               for dy in shifts for dx in shifts)
+
+
+def _batch(**columns) -> np.ndarray:
+    return pre.frame_to_batch(pd.DataFrame(columns))
+
+
+def _upscaled(pixels: np.ndarray, size: int = 300) -> Image.Image:
+    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_raw_pixels_pass_through_unchanged(dataset):
+    images = dataset.test_images[:4]
+    batch = _batch(pixels=[img.tolist() for img in images])
+    assert batch.dtype == np.float32 and np.array_equal(batch, images.astype(np.float32))
+
+
+def test_png_of_a_dataset_image_reproduces_it(dataset):
+    """Dataset images sent as PNG come back as themselves; the few whose faint edges were trimmed, rescaled
+    by a pixel or two, stay close."""
+    images = dataset.test_images[:100]
+    batch = _batch(image=[png_base64(image) for image in images])
+    scores = np.array([_correlation(out, image) for out, image in zip(batch, images, strict=True)])
+    assert (scores > 0.95).mean() >= 0.9 and scores.min() > 0.75
+
+
+@pytest.mark.parametrize("variant", ["inverted", "rgb_on_white", "jpeg_large", "rgba_cutout", "off_centre_small",
+                                     "palette", "16bit"])
+def test_photos_as_people_upload_them_look_like_the_dataset(dataset, variant):
+    """Light backgrounds, colour, alpha, JPEG, any size and position are mapped back to the dataset's form."""
+    original = dataset.test_images[7]  # a real test image
+    if variant == "inverted":
+        encoded = png_base64(255 - original)
+    elif variant == "rgb_on_white":
+        rgb = np.stack([255 - original, 255 - original // 2, 255 - original // 3], axis=-1)
+        encoded = _encode(_upscaled(rgb.astype(np.uint8)))
+    elif variant == "jpeg_large":
+        encoded = _encode(_upscaled(255 - original, 600), "JPEG", quality=85)
+    elif variant == "rgba_cutout":
+        dark = 255 - original  # the product's real tones: dataset pixels are negated photo pixels
+        rgba = np.dstack([dark, dark, dark, np.where(original > 0, 255, 0)]).astype(np.uint8)
+        encoded = _encode(_upscaled(rgba))
+    elif variant == "off_centre_small":
+        canvas = np.full((200, 300), 255, np.uint8)
+        canvas[20:76, 200:256] = 255 - np.asarray(Image.fromarray(original).resize((56, 56)))
+        encoded = _encode(Image.fromarray(canvas))
+    elif variant == "palette":
+        encoded = _encode(_upscaled(original).convert("P"))
+    else:
+        encoded = _encode(Image.fromarray(original.astype(np.uint16) * 257))
+    assert _correlation(_batch(image=[encoded])[0], original) > 0.8, variant
+
+
+def test_mixed_batch_of_pixels_and_images(dataset):
+    images = dataset.test_images[:2]
+    batch = _batch(pixels=[images[0].tolist(), None], image=[None, png_base64(images[1])])
+    assert batch.shape == (2, 28, 28)
+    assert np.array_equal(batch[0], images[0])
+
+
+def test_extreme_aspect_ratios_and_tiny_images_are_accepted():
+    for size in [(1, 1), (10000, 10), (10, 10000)]:
+        encoded = _encode(Image.new("L", size, 200))
+        assert _batch(image=[encoded]).shape == (1, 28, 28)
+
+
+def test_exif_rotation_is_applied(dataset):
+    original = dataset.test_images[3]
+    rotated = _upscaled(original).rotate(90, expand=True)  # stored turned 90 degrees anticlockwise...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...with the EXIF orientation that says "turn 90 degrees clockwise to view"
+    encoded = _encode(rotated, "JPEG", quality=95, exif=exif.tobytes())
+    assert _correlation(_batch(image=[encoded])[0], original) > 0.9
+
+
+def _gif_base64() -> str:
+    return _encode(Image.new("L", (28, 28)), "GIF")
+
+
+@pytest.mark.parametrize("columns, message", [
+    ({"pixels": [np.zeros((27, 28)).tolist()]}, "shape"),
+    ({"pixels": [np.zeros(784).tolist()]}, "shape"),
+    ({"pixels": [np.zeros((28, 28, 3)).tolist()]}, "shape"),
+    ({"pixels": [np.full((28, 28), np.nan).tolist()]}, "NaN"),
+    ({"pixels": [np.full((28, 28), np.inf).tolist()]}, "NaN or infinite"),
+    ({"pixels": [np.full((28, 28), -1.0).tolist()]}, "0..255"),
+    ({"pixels": [np.full((28, 28), 256.0).tolist()]}, "0..255"),
+    ({"pixels": [[["a"] * 28] * 28]}, "numbers"),
+    ({"pixels": []}, "empty batch"),
+    ({"image": ["not base64!!"]}, "base64"),
+    ({"image": [base64.b64encode(b"hello, not an image").decode()]}, "not a PNG or JPEG"),
+    ({"image": [_gif_base64()]}, "not a PNG or JPEG"),
+    ({"image": [""]}, "empty"),
+    ({"image": [12]}, "base64 string"),
+    ({"pixels": [None], "image": [None]}, "exactly one"),
+    ({"weights": [1]}, "unknown input column"),
+])
+def test_bad_input_raises_a_clear_error(columns, message):
+    with pytest.raises(pre.InputError, match=message):
+        _batch(**columns)
+
+
+def test_truncated_jpeg_is_refused(dataset):
+    raw = base64.b64decode(_encode(_upscaled(dataset.test_images[0]), "JPEG"))
+    truncated = base64.b64encode(raw[: len(raw) // 2]).decode()
+    with pytest.raises(pre.InputError, match="truncated or corrupt"):
+        _batch(image=[truncated])
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    encoded = _encode(Image.new("1", (20000, 20000)))  # ~1 MB PNG declaring 400 M pixels
+    with pytest.raises(pre.InputError, match="exceeds"):
+        _batch(image=[encoded])
+
+
+def test_oversized_batch_is_refused():
+    with pytest.raises(pre.InputError, match="maximum"):
+        _batch(pixels=[np.zeros((28, 28)).tolist()] * (pre.MAX_BATCH_ROWS + 1))

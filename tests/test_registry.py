@@ -1,0 +1,67 @@
+"""The promotion gate: better challengers win, worse ones do not, --force overrides, old versions archive."""
+
+import warnings
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fmnist_pyfunc import config, registry, tracking
+
+pytestmark = pytest.mark.e2e
+NAME = config.REGISTERED_MODEL_NAME
+# Two real but cheap models of clearly different quality (~15 s together on 2 cores).
+WEAK = {"epochs": 1, "max_train_samples": 600, "width": 4, "val_size": 1000, "lr": 0.01}
+STRONG = {"epochs": 2, "max_train_samples": 6000, "width": 16, "val_size": 1000}
+
+
+@pytest.fixture(scope="module")
+def runs(tracking_uri, dataset):
+    mlflow.set_experiment("gate")
+    return {name: tracking.run_training(config.validate(cfg), dataset, progress=False, run_name=name)
+            for name, cfg in (("weak", WEAK), ("strong", STRONG))}
+
+
+def _stage(version: str) -> str:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return MlflowClient().get_model_version(NAME, version).current_stage
+
+
+def test_gate(runs, dataset):
+    """Strong first, then weak (rejected), then weak with force (promoted, strong archived); idempotent."""
+    client = MlflowClient()
+    first = registry.promote(runs["strong"], dataset)
+    assert first.promoted and registry.current_production() == first.version
+    assert client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version == first.version
+
+    rejected = registry.promote(runs["weak"], dataset)
+    assert not rejected.promoted
+    assert rejected.challenger_accuracy < rejected.champion_accuracy
+    assert registry.current_production() == first.version and _stage(rejected.version) == "None"
+
+    again = registry.promote(runs["strong"], dataset)
+    assert not again.promoted and again.version == first.version and "already" in again.reason
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 2  # nothing registered twice
+
+    forced = registry.promote(runs["weak"], dataset, force=True)
+    assert forced.promoted and forced.version == rejected.version
+    assert _stage(first.version) == registry.ARCHIVED and _stage(forced.version) == registry.PRODUCTION
+    assert client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version == forced.version
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        loaded = mlflow.pyfunc.load_model(f"models:/{NAME}/Production")
+    assert loaded.metadata.run_id == runs["weak"]
+
+    version = client.get_model_version(NAME, forced.version)
+    assert {"val_accuracy", "test_accuracy", "run_id", "git_commit", "data_checksum"} <= set(version.tags)
+    assert "test accuracy" in version.description
+
+
+def test_best_run_is_chosen_by_validation_accuracy(runs):
+    assert registry.best_run("gate") == runs["strong"]
+
+
+def test_unknown_run_is_a_clear_error(runs, dataset):
+    with pytest.raises(registry.PromotionError, match="not found"):
+        registry.promote("0123456789abcdef", dataset)

@@ -1,0 +1,73 @@
+"""`sweep`: Optuna trials are linked MLflow child runs, the best is promoted, an interrupted sweep resumes."""
+
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+import mlflow
+import pytest
+from conftest import REPO, mlflow_run, project_env
+
+from fmnist_pyfunc import config
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sweep_links_children_and_promotes_the_best(tracking_uri, tmp_path, dataset):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    mlflow_run("sweep", {"preset": "quick", "n_trials": 3, "storage": storage, "study": "e2e"},
+               tracking_uri, "e2e-sweep", tmp_path)
+    runs = mlflow.search_runs(experiment_names=["e2e-sweep"], output_format="list")
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" and "model_uri" in c.data.tags for c in children)
+    assert all(set(config.TRAIN_DEFAULTS) <= set(c.data.params) for c in children)
+    best = max(children, key=lambda r: r.data.metrics["best_val_accuracy"])
+    assert parent.data.tags["best_run_id"] == best.info.run_id
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/search.png", "sweep/search_space.json", "sweep/trials.json"} <= artifacts
+    assert parent.data.tags["promotion.promoted"] in ("true", "false")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = mlflow.pyfunc.load_model(f"models:/{config.REGISTERED_MODEL_NAME}/Production")
+    frame = __import__("pandas").DataFrame({"pixels": list(dataset.test_images[:50].astype(float))})
+    assert (model.predict(frame)["class_index"].to_numpy() == dataset.test_labels[:50]).mean() > 0.5
+
+
+def _sweep_command(storage: str, n_trials: int) -> list[str]:
+    return [sys.executable, "-m", "entrypoints.sweep", "--preset", "quick", "--n-trials", str(n_trials),
+            "--storage", storage, "--study", "resume", "--experiment", "e2e-resume", "--promote", "false"]
+
+
+def test_interrupted_sweep_resumes_without_losing_trials(tracking_uri, tmp_path):
+    """Ctrl-C during trial 1; restarting the same study keeps trial 0 and completes the budget."""
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    process = subprocess.Popen(_sweep_command(storage, 3), cwd=REPO, env=project_env(tracking_uri),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    for line in process.stdout:
+        if "trial 0 COMPLETE" in line:
+            break
+        assert time.time() < deadline, "first trial never completed"
+    time.sleep(2)  # into trial 1
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+
+    first = mlflow.search_runs(experiment_names=["e2e-resume"], output_format="list")
+    finished_before = {r.info.run_id for r in first
+                       if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
+    assert len(finished_before) == 1
+
+    result = subprocess.run(_sweep_command(storage, 3), cwd=REPO, env=project_env(tracking_uri),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1 of 3 trials already done" in result.stdout
+    after = mlflow.search_runs(experiment_names=["e2e-resume"], output_format="list")
+    finished = {r.info.run_id for r in after if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
+    assert finished_before < finished and len(finished) == 3
+    assert not [r for r in after if r.info.status == "RUNNING"]

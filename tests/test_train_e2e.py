@@ -1,0 +1,88 @@
+"""End to end on real data: `mlflow run . -e train` logs a model that serves the JSON contract."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, png_base64, project_env
+from mlflow.models import validate_serving_input
+
+pytestmark = pytest.mark.e2e
+
+
+def test_run_logs_params_provenance_metrics_and_artifacts(trained_run):
+    """A train run records resolved config, git commit, data checksum, per-epoch curves and the reports."""
+    client = mlflow.MlflowClient()
+    assert trained_run.info.status == "FINISHED"
+    params, metrics, tags = trained_run.data.params, trained_run.data.metrics, trained_run.data.tags
+    assert params["epochs"] == "2" and params["arch"] == "cnn" and params["resolved_device"] == "cpu"
+    assert len(tags["data_checksum"]) == 64 and tags["git_commit"]
+    for key in ("test_accuracy", "best_val_accuracy", "train_seconds", "num_parameters", "val_loss", "train_loss"):
+        assert key in metrics, key
+    assert 0.5 < metrics["test_accuracy"] <= 1.0  # 2 epochs on 6k images: far above chance (0.1)
+    history = client.get_metric_history(trained_run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == [0, 1]
+    artifacts = {a.path for a in client.list_artifacts(trained_run.info.run_id, "evaluation")}
+    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png",
+            "evaluation/per_class_metrics.json", "evaluation/learning_curves.png"} <= artifacts
+
+
+def _model_uri(run) -> str:
+    return run.data.tags["model_uri"]
+
+
+def test_logged_model_predicts_both_input_kinds(trained_run, dataset):
+    model = mlflow.pyfunc.load_model(_model_uri(trained_run))
+    images, labels = dataset.test_images[:200], dataset.test_labels[:200]
+    frame = pd.DataFrame({"pixels": [img.tolist() for img in images[:100]] + [None] * 100,
+                          "image": [None] * 100 + [png_base64(img) for img in images[100:]]})
+    out = model.predict(frame)
+    assert list(out.columns) == ["class_index", "class_name", "probabilities"]
+    assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
+    accuracy = (out["class_index"].to_numpy() == labels).mean()
+    assert accuracy > 0.5
+    raw_part, png_part = out["class_index"][:100].to_numpy(), out["class_index"][100:].to_numpy()
+    assert (raw_part == labels[:100]).mean() > 0.5 and (png_part == labels[100:]).mean() > 0.5
+
+
+def test_serving_input_example_validates_without_pickle(trained_run, monkeypatch):
+    """The logged input example passes MLflow's serving validation with pickle loading disabled."""
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    local = mlflow.artifacts.download_artifacts(_model_uri(trained_run))
+    example = (REPO / local / "serving_input_example.json").read_text()
+    result = validate_serving_input(_model_uri(trained_run), example)
+    assert len(result) == 2 and set(result["class_name"]) <= set(__import__("fmnist_pyfunc.config").config.CLASS_NAMES)
+
+
+def test_contract_json_records(trained_run, dataset):
+    """The README's dataframe_records payload, parsed as the scoring server does."""
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+
+    model = mlflow.pyfunc.load_model(_model_uri(trained_run))
+    payload = json.loads(json.dumps({"dataframe_records": [{"pixels": dataset.test_images[0].tolist()},
+                                                           {"image": png_base64(dataset.test_images[1])}]}))
+    out = model.predict(infer_and_parse_data(payload, model.metadata.get_input_schema()))
+    assert len(out) == 2
+
+
+def test_bad_input_is_an_mlflow_invalid_parameter_error(trained_run):
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(_model_uri(trained_run))
+    with pytest.raises(MlflowException) as err:
+        model.predict(pd.DataFrame({"pixels": [np.zeros((27, 28)).tolist()]}))
+    assert err.value.get_http_status_code() == 400 and "shape" in err.value.message
+
+
+@pytest.mark.parametrize("args, message", [(["--epochs", "-1"], "epochs"), (["--arch", "resnet"], "arch"),
+                                            (["--batch-size", "0"], "batch_size")])
+def test_bad_parameters_fail_fast_without_creating_a_run(tracking_uri, tmp_path, args, message):
+    result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--experiment", "bad-params", *args],
+                            cwd=REPO, env=project_env(tracking_uri), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    experiment = mlflow.get_experiment_by_name("bad-params")
+    assert experiment is None or not mlflow.search_runs([experiment.experiment_id], output_format="list")
