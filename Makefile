@@ -13,8 +13,14 @@ PROJECT      := mlflow run . --env-manager local
 DATASET_DIR  := /usr/share/datasets/fashion-mnist
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP        := $(VENV)/.installed
+MLFLOW_UI_PORT ?= 5000
+SCORING_PORT ?= 5001
+UI_PORT      ?= 8000
+HOST         ?= 127.0.0.1
+MODEL_URI    ?= models:/fashion-mnist-cnn/Production
+export FMNIST_SCORING_URL ?= http://127.0.0.1:$(SCORING_PORT)
 
-.PHONY: install dataset system-deps run train sweep promote serve ui mlflow-ui test lint bench clean
+.PHONY: install dataset system-deps run train sweep promote serve ui serve-all mlflow-ui test lint bench clean
 
 install: $(STAMP) dataset
 
@@ -46,8 +52,24 @@ sweep: install
 promote: install
 	$(PROJECT) -e promote -P experiment=$(MLFLOW_EXPERIMENT_NAME)
 
-# Train the default model (~3 min on 2 CPU cores, ~93.4 % test accuracy) and promote it.
-run: train promote
+# Train the default model (~3 min on 2 CPU cores, ~93.4 % test accuracy), promote it, serve it with the UI.
+run: train promote serve-all
+
+# The scoring server (/invocations, /ping, /version) for the Production model.
+serve: install
+	mlflow models serve -m $(MODEL_URI) --env-manager local -h $(HOST) -p $(SCORING_PORT)
+
+# The upload UI; it proxies predictions to $(FMNIST_SCORING_URL).
+ui: install
+	gunicorn --workers 2 --threads 4 --bind $(HOST):$(UI_PORT) 'webui.app:create_app()'
+
+serve-all:
+	@echo "scoring server: http://$(HOST):$(SCORING_PORT)/invocations   web UI: http://$(HOST):$(UI_PORT)/"
+	@echo "(MLflow UI: make mlflow-ui -> http://$(HOST):$(MLFLOW_UI_PORT)/ ; Ctrl-C stops both servers)"
+	$(MAKE) -j2 serve ui
+
+mlflow-ui: install
+	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h $(HOST) -p $(MLFLOW_UI_PORT)
 
 test: install system-deps
 	$(BIN)/ruff check .

@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from fmnist_pyfunc import config, data, models, training
+from fmnist_pyfunc import augment, config, data, models, training
 
 
 class NaiveDataset(Dataset):
@@ -79,8 +79,8 @@ def main() -> None:
     cfg = {**config.TRAIN_DEFAULTS, "epochs": args.epochs, "augment": "flip"}
     ds = data.load()
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg["val_size"], cfg["seed"])
-    x_val, y_val = data.to_tensor(ds.train_images[val_idx]), torch.from_numpy(ds.train_labels[val_idx])
-    x_train, y_train = data.to_tensor(ds.train_images[train_idx]), torch.from_numpy(ds.train_labels[train_idx])
+    x_val, y_val = augment.to_tensor(ds.train_images[val_idx]), torch.from_numpy(ds.train_labels[val_idx])
+    x_train, y_train = augment.to_tensor(ds.train_images[train_idx]), torch.from_numpy(ds.train_labels[train_idx])
     batch, steps = cfg["batch_size"], len(train_idx) // cfg["batch_size"]
     generator = torch.Generator().manual_seed(cfg["seed"])
 
@@ -88,7 +88,7 @@ def main() -> None:
         order = torch.randperm(len(x_train), generator=generator)
         for s in range(steps):
             idx = order[s * batch:(s + 1) * batch]
-            yield data.augment(x_train[idx], "flip", generator), y_train[idx]
+            yield augment.augment(x_train[idx], "flip", generator), y_train[idx]
 
     loader = DataLoader(NaiveDataset(ds.train_images[train_idx], ds.train_labels[train_idx]),
                         batch_size=batch, shuffle=True, drop_last=True)

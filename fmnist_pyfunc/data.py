@@ -1,8 +1,8 @@
 """Fashion-MNIST: find the four IDX files, verify them, load them as arrays, split, augment.
 
 Source order: $FMNIST_DATA_DIR, Debian's `dataset-fashion-mnist`, the local cache, torchvision's
-download into the cache. The whole set (~55 MB as uint8) is held in memory as tensors; augmentation
-runs on whole batches, never per image.
+download into the cache. numpy only (torch is imported just for the download), so the web UI can read
+sample images without torch; `augment.py` turns the arrays into tensors.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 DATA_DIR_ENV = "FMNIST_DATA_DIR"
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -37,7 +36,6 @@ NUM_CLASSES = 10
 # Pixel statistics of the training images on the 0-1 scale, for input normalisation.
 PIXEL_MEAN = 0.2860
 PIXEL_STD = 0.3530
-NORMALISED_BLACK = -PIXEL_MEAN / PIXEL_STD
 
 FIX_HINT = (
     "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), point "
@@ -136,26 +134,3 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
     return train_idx, val_idx
 
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) on the 0-255 scale -> normalised float32 (N, 1, 28, 28)."""
-    return ((torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0 - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1)
-
-
-MAX_SHIFT_PIXELS = 2  # garments are centred by the dataset's own pipeline; larger shifts hurt accuracy
-
-
-def augment(images: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Augment a whole batch (N, 1, 28, 28) at once: random mirror and/or per-image translation."""
-    n = images.shape[0]
-    if "flip" in kind:
-        flip = torch.rand(n, generator=generator, device=images.device) < 0.5
-        images = torch.where(flip[:, None, None, None], images.flip(3), images)
-    if "shift" in kind:
-        pad = MAX_SHIFT_PIXELS
-        padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), value=NORMALISED_BLACK)
-        dy, dx = torch.randint(0, 2 * pad + 1, (2, n, 1), generator=generator, device=images.device)
-        span = torch.arange(IMAGE_SIZE, device=images.device)
-        rows, cols = (dy + span)[:, :, None], (dx + span)[:, None, :]
-        images = padded[torch.arange(n, device=images.device)[:, None, None], 0, rows, cols].unsqueeze(1)
-    return images

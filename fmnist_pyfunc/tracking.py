@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from fmnist_pyfunc import augment, models, reporting, training
 from fmnist_pyfunc import data as fdata
-from fmnist_pyfunc import models, reporting, training
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -86,7 +86,7 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: fdata.Fas
 def log_evaluation(result: training.TrainResult, cfg: dict, dataset: fdata.FashionMNIST) -> float:
     """Evaluate once on the 10k test set; log the metric and the report artifacts."""
     labels = torch.from_numpy(dataset.test_labels)
-    test = training.evaluate(result.model, fdata.to_tensor(dataset.test_images), labels, cfg["tta"])
+    test = training.evaluate(result.model, augment.to_tensor(dataset.test_images), labels, cfg["tta"])
     probabilities = test["probabilities"].numpy()
     predictions, confidence = probabilities.argmax(1), probabilities.max(1)
     matrix = reporting.confusion_matrix(dataset.test_labels, predictions)

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from fmnist_pyfunc import augment, models
 from fmnist_pyfunc import data as fdata
-from fmnist_pyfunc import models
 
 MOMENTUM = 0.9           # SGD Nesterov momentum; the usual value, not worth searching
 WARMUP_FRACTION = 0.25   # share of steps spent raising the LR in the one-cycle schedule
@@ -94,9 +94,9 @@ def train(cfg: dict, dataset: fdata.FashionMNIST,
     train_idx, val_idx = fdata.stratified_split(dataset.train_labels, cfg["val_size"], cfg["seed"])
     if cfg["max_train_samples"]:
         train_idx = train_idx[: cfg["max_train_samples"]]
-    x_train = fdata.to_tensor(dataset.train_images[train_idx]).to(device)
+    x_train = augment.to_tensor(dataset.train_images[train_idx]).to(device)
     y_train = torch.from_numpy(dataset.train_labels[train_idx]).to(device)
-    x_val = fdata.to_tensor(dataset.train_images[val_idx])
+    x_val = augment.to_tensor(dataset.train_images[val_idx])
     y_val = torch.from_numpy(dataset.train_labels[val_idx])
 
     fmt = _memory_format(cfg["arch"])
@@ -120,7 +120,7 @@ def train(cfg: dict, dataset: fdata.FashionMNIST,
         correct = torch.zeros((), device=device)
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            inputs = fdata.augment(x_train[idx], cfg["augment"], aug_generator).contiguous(memory_format=fmt)
+            inputs = augment.augment(x_train[idx], cfg["augment"], aug_generator).contiguous(memory_format=fmt)
             with _autocast(device):
                 logits = model(inputs)
                 loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=cfg["label_smoothing"])

@@ -5,13 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +33,7 @@ def dataset():
 def tracking_uri(tmp_path_factory) -> str:
     """A private SQLite store per test session; nothing touches the user's mlflow.db."""
     root = tmp_path_factory.mktemp("mlflow")
+    os.chdir(root)  # runs logged in-process put their artifacts in ./mlruns: keep them out of the repo
     uri = f"sqlite:///{root}/mlflow.db"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
@@ -74,3 +78,80 @@ def png_base64(pixels: np.ndarray, fmt: str = "PNG", **save_args) -> str:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **save_args)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+# --- servers: the real scoring server and the UI, started once per test session ---
+
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + STARTUP_TIMEOUT_S
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+
+
+def start(command: list[str], env: dict, health_url: str, log: Path) -> subprocess.Popen:
+    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=log.parent)
+    wait_until_up(health_url, process, log)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="session")
+def production(trained_run, dataset):
+    """The tiny trained model, promoted to Production (forced: other tests may have promoted others)."""
+    from fmnist_pyfunc import registry
+
+    decision = registry.promote(trained_run.info.run_id, dataset, force=True)
+    assert registry.current_production() == decision.version
+    return decision.version
+
+
+@pytest.fixture(scope="session")
+def scoring_url(production, tracking_uri, tmp_path_factory):
+    port = free_port()
+    env = project_env(tracking_uri)
+    env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the model must load without unpickling
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process = start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/fashion-mnist-cnn/Production",
+                     "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env,
+                    f"http://127.0.0.1:{port}/ping", log)
+    yield f"http://127.0.0.1:{port}"
+    stop(process)
+
+
+@pytest.fixture(scope="session")
+def ui_url(scoring_url, tracking_uri, tmp_path_factory):
+    port = free_port()
+    env = project_env(tracking_uri)
+    env["FMNIST_SCORING_URL"] = scoring_url
+    log = tmp_path_factory.mktemp("ui") / "ui.log"
+    process = start([str(BIN / "gunicorn"), "--workers", "1", "--threads", "4", "--bind", f"127.0.0.1:{port}",
+                     "webui.app:create_app()"], env, f"http://127.0.0.1:{port}/health", log)
+    yield f"http://127.0.0.1:{port}"
+    stop(process)
+
+

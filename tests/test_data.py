@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist_pyfunc import data
+from fmnist_pyfunc import augment, data
 from fmnist_pyfunc.config import AUGMENTS
 
 
@@ -77,15 +77,15 @@ def test_split_is_stratified_disjoint_and_seeded(dataset):
 
 
 def test_augment_keeps_shape_and_content(dataset):
-    images = data.to_tensor(dataset.test_images[:64])
+    images = augment.to_tensor(dataset.test_images[:64])
     generator = torch.Generator().manual_seed(0)
     for kind in AUGMENTS:
-        out = data.augment(images, kind, generator)
+        out = augment.augment(images, kind, generator)
         assert out.shape == images.shape
-    assert torch.equal(data.augment(images, "none", generator), images)
-    flipped = data.augment(images, "flip", generator)
+    assert torch.equal(augment.augment(images, "none", generator), images)
+    flipped = augment.augment(images, "flip", generator)
     for original, result in zip(images, flipped, strict=True):
         assert torch.equal(result, original) or torch.equal(result, original.flip(2))
-    shifted = data.augment(images, "shift", generator)
+    shifted = augment.augment(images, "shift", generator)
     # A shift moves pixels but never invents brightness beyond the original's.
-    assert shifted.max() <= images.max() + 1e-6 and shifted.min() >= data.NORMALISED_BLACK - 1e-6
+    assert shifted.max() <= images.max() + 1e-6 and shifted.min() >= augment.NORMALISED_BLACK - 1e-6

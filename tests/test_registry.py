@@ -16,7 +16,15 @@ STRONG = {"epochs": 2, "max_train_samples": 6000, "width": 16, "val_size": 1000}
 
 
 @pytest.fixture(scope="module")
-def runs(tracking_uri, dataset):
+def own_store(tracking_uri, tmp_path_factory):
+    """A registry of this module's own: the gate's assertions need to know every version in it."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path_factory.mktemp('gate')}/mlflow.db")
+    yield
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def runs(own_store, dataset):
     mlflow.set_experiment("gate")
     return {name: tracking.run_training(config.validate(cfg), dataset, progress=False, run_name=name)
             for name, cfg in (("weak", WEAK), ("strong", STRONG))}

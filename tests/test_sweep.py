@@ -8,7 +8,7 @@ import warnings
 
 import mlflow
 import pytest
-from conftest import REPO, mlflow_run, project_env
+from conftest import mlflow_run, project_env
 
 from fmnist_pyfunc import config
 
@@ -47,7 +47,7 @@ def _sweep_command(storage: str, n_trials: int) -> list[str]:
 def test_interrupted_sweep_resumes_without_losing_trials(tracking_uri, tmp_path):
     """Ctrl-C during trial 1; restarting the same study keeps trial 0 and completes the budget."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    process = subprocess.Popen(_sweep_command(storage, 3), cwd=REPO, env=project_env(tracking_uri),
+    process = subprocess.Popen(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(tracking_uri),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     for line in process.stdout:
@@ -63,7 +63,7 @@ def test_interrupted_sweep_resumes_without_losing_trials(tracking_uri, tmp_path)
                        if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
     assert len(finished_before) == 1
 
-    result = subprocess.run(_sweep_command(storage, 3), cwd=REPO, env=project_env(tracking_uri),
+    result = subprocess.run(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(tracking_uri),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "1 of 3 trials already done" in result.stdout

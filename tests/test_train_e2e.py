@@ -82,7 +82,7 @@ def test_bad_input_is_an_mlflow_invalid_parameter_error(trained_run):
                                             (["--batch-size", "0"], "batch_size")])
 def test_bad_parameters_fail_fast_without_creating_a_run(tracking_uri, tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--experiment", "bad-params", *args],
-                            cwd=REPO, env=project_env(tracking_uri), capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, env=project_env(tracking_uri), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     experiment = mlflow.get_experiment_by_name("bad-params")
     assert experiment is None or not mlflow.search_runs([experiment.experiment_id], output_format="list")

@@ -1,0 +1,52 @@
+"""The upload page in real headless Chromium: upload an image, see the predicted class and the chart."""
+
+import base64
+from pathlib import Path
+
+import pytest
+from conftest import REPO, png_base64
+from playwright.sync_api import expect, sync_playwright
+
+pytestmark = pytest.mark.e2e
+CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: Playwright cannot download browsers here
+# Flags for a sandboxed CI container with no network beyond loopback.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install chromium` (make system-deps does)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        yield page
+        browser.close()
+
+
+def test_upload_shows_prediction_and_chart(page, ui_url, dataset, tmp_path):
+    image = tmp_path / "ankle_boot.png"
+    image.write_bytes(base64.b64decode(png_base64(dataset.test_images[0])))  # test image 0 is an ankle boot
+    page.goto(ui_url)
+    expect(page.locator("#health")).to_have_text("scoring server: ok")
+    expect(page.locator("#model-info")).to_contain_text("fashion-mnist-cnn v")
+    page.set_input_files("#files", str(image))
+    card = page.locator(".card").first
+    expect(card).to_be_visible(timeout=30_000)
+    expect(card.locator(".prediction")).to_contain_text("%")
+    expect(card.locator(".bar-row")).to_have_count(10)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui_upload.png"), full_page=True)
+
+
+def test_gallery_click_and_bad_upload_message(page, ui_url, tmp_path):
+    page.goto(ui_url)
+    before = page.locator(".card").count()
+    page.locator(".sample").first.click()
+    expect(page.locator(".card")).to_have_count(before + 1, timeout=30_000)
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("hello")
+    page.set_input_files("#files", str(bad))
+    expect(page.locator("#message")).to_contain_text("not a PNG or JPEG")

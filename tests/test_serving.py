@@ -1,0 +1,108 @@
+"""Serving end to end: the real `mlflow models serve` of the Production model, and the UI in front of it."""
+
+import base64
+import io
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from conftest import free_port, png_base64
+from PIL import Image
+
+from fmnist_pyfunc import config
+
+pytestmark = pytest.mark.e2e
+N_IMAGES = 300  # real test images checked through each path
+
+
+def _invoke(scoring_url: str, records: list[dict]) -> requests.Response:
+    return requests.post(f"{scoring_url}/invocations", json={"dataframe_records": records}, timeout=60)
+
+
+def test_server_answers_ping_and_version(scoring_url):
+    assert requests.get(f"{scoring_url}/ping", timeout=5).status_code == 200
+    assert requests.get(f"{scoring_url}/version", timeout=5).text.strip() == mlflow.__version__
+
+
+def test_every_input_kind_through_invocations_matches_in_process_predict(scoring_url, trained_run, dataset):
+    """Raw pixels and PNG/JPEG images over HTTP give the in-process pyfunc's answers, at the model's accuracy."""
+    images, labels = dataset.test_images[:N_IMAGES], dataset.test_labels[:N_IMAGES]
+    jpeg = []
+    for img in images:
+        buffer = io.BytesIO()
+        Image.fromarray(255 - img).resize((112, 112)).convert("RGB").save(buffer, "JPEG", quality=90)
+        jpeg.append(base64.b64encode(buffer.getvalue()).decode())
+    model = mlflow.pyfunc.load_model(trained_run.data.tags["model_uri"])
+    test_accuracy = trained_run.data.metrics["test_accuracy"]
+    for kind, records in {"pixels": [{"pixels": img.tolist()} for img in images],
+                          "png": [{"image": png_base64(img)} for img in images],
+                          "jpeg": [{"image": b} for b in jpeg]}.items():
+        response = _invoke(scoring_url, records)
+        assert response.status_code == 200, response.text[:500]
+        predicted = np.array([p["class_index"] for p in response.json()["predictions"]])
+        expected = model.predict(pd.DataFrame(records))["class_index"].to_numpy()
+        assert np.array_equal(predicted, expected), kind
+        tolerance = 0.05 if kind == "pixels" else 0.12  # a few images change by a re-centring pixel
+        assert (predicted == labels).mean() >= test_accuracy - tolerance, kind
+
+
+def test_bad_request_is_400_with_a_clear_message(scoring_url, dataset):
+    response = _invoke(scoring_url, [{"pixels": np.zeros((27, 28)).tolist()}])
+    assert response.status_code == 400 and "shape (28, 28)" in response.json()["message"]
+    assert _invoke(scoring_url, [{"pixels": dataset.test_images[0].tolist()}]).status_code == 200
+
+
+def _upload(ui_url: str, files: list[tuple[str, bytes]]) -> requests.Response:
+    return requests.post(f"{ui_url}/predict", files=[("files", (name, data, "image/png")) for name, data in files],
+                         timeout=60)
+
+
+def test_ui_predicts_real_images_through_the_scoring_server(ui_url, dataset, trained_run):
+    images, labels = dataset.test_images[:16], dataset.test_labels[:16]
+    response = _upload(ui_url, [(f"{i}.png", base64.b64decode(png_base64(img))) for i, img in enumerate(images)])
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 16 and all(len(r["probabilities"]) == 10 for r in results)
+    accuracy = np.mean([r["class_index"] == label for r, label in zip(results, labels, strict=True)])
+    assert accuracy >= trained_run.data.metrics["test_accuracy"] - 0.25  # 16 images: a coarse check
+
+
+def test_ui_health_model_info_and_page(ui_url, production):
+    assert requests.get(f"{ui_url}/health", timeout=10).json() == {"ui": "ok", "scoring_server": "ok"}
+    info = requests.get(f"{ui_url}/model_info", timeout=10).json()
+    assert info["name"] == config.REGISTERED_MODEL_NAME and info["version"] == production
+    assert info["stage"] == "Production" and info["alias"] == "champion" and "test_accuracy" in info["metrics"]
+    page = requests.get(ui_url, timeout=10).text
+    assert "Fashion-MNIST classifier" in page and "/samples/0.png" in page
+
+
+@pytest.mark.parametrize("files, status, message", [
+    ([], 400, "no file"),
+    ([("empty.png", b"")], 400, "empty"),
+    ([("notes.png", b"plain text, not an image")], 400, "not a PNG or JPEG"),
+    ([("x.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)], 400, "x.png"),
+])
+def test_ui_bad_uploads_get_4xx_and_a_clear_message(ui_url, files, status, message):
+    response = _upload(ui_url, files)
+    assert response.status_code == status and message in response.json()["error"]
+    assert "Traceback" not in response.text
+
+
+def test_ui_without_scoring_server_answers_503(tracking_uri, tmp_path, dataset):
+    from webui.app import create_app
+
+    client = create_app(scoring_url=f"http://127.0.0.1:{free_port()}").test_client()
+    png = base64.b64decode(png_base64(dataset.test_images[0]))
+    response = client.post("/predict", data={"files": (io.BytesIO(png), "a.png")}, content_type="multipart/form-data")
+    assert response.status_code == 503 and "not reachable" in response.get_json()["error"]
+    assert client.get("/health").status_code == 503
+
+
+def test_ui_never_imports_torch(tmp_path):
+    code = "import sys, webui.app; webui.app.create_app(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stderr

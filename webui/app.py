@@ -1,0 +1,176 @@
+"""Flask upload UI. It never loads torch or the model: every prediction goes to the scoring server.
+
+    gunicorn -b 127.0.0.1:8000 'webui.app:create_app()'      (what `make ui` runs)
+Configuration (environment): FMNIST_SCORING_URL (default http://127.0.0.1:5001), MLFLOW_TRACKING_URI
+(for /model_info), FMNIST_MODEL_INFO (a JSON file used when no registry is reachable).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import requests
+from flask import Flask, jsonify, render_template, request
+from PIL import Image, UnidentifiedImageError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from webui import samples
+
+DEFAULT_SCORING_URL = "http://127.0.0.1:5001"
+MODEL_NAME = "fashion-mnist-cnn"
+MODEL_ALIAS = "champion"
+MAX_FILES = 16                        # images per request: one scoring call, well under its 1,024-row limit
+MAX_FILE_BYTES = 5 * 2**20            # 5 MiB per image: phone photos fit, anything larger is not a photo
+MAX_REQUEST_BYTES = MAX_FILES * MAX_FILE_BYTES + 2**20  # all files plus multipart overhead
+MAX_IMAGE_PIXELS = 40_000_000         # same bound as the model's preprocessing: refuse bombs before sending
+ALLOWED_FORMATS = ("PNG", "JPEG")
+UPSTREAM_TIMEOUT_S = 10.0             # a healthy server answers a 16-image batch in well under a second
+HEALTH_TIMEOUT_S = 2.0
+MODEL_INFO_TTL_S = 30.0               # registry lookups are cached: the page polls /model_info
+
+
+class UploadError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message, self.status = message, status
+
+
+def _check_image(name: str, payload: bytes) -> None:
+    """Refuse what is not a complete PNG/JPEG of a sane size, without decoding bombs."""
+    if not payload:
+        raise UploadError(f"{name}: the file is empty")
+    if len(payload) > MAX_FILE_BYTES:
+        raise UploadError(f"{name}: larger than {MAX_FILE_BYTES // 2**20} MiB", 413)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(payload), formats=ALLOWED_FORMATS)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise UploadError(f"{name}: {image.width}x{image.height} pixels is too large", 413)
+            image.load()
+    except UploadError:
+        raise
+    except UnidentifiedImageError:
+        raise UploadError(f"{name}: not a PNG or JPEG image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadError(f"{name}: too many pixels", 413) from None
+    except (OSError, SyntaxError, ValueError):
+        raise UploadError(f"{name}: the image is truncated or corrupt") from None
+
+
+def _read_uploads() -> list[tuple[str, bytes]]:
+    files = [f for f in request.files.getlist("files") if f is not None]
+    if not files or all(not f.filename for f in files):
+        raise UploadError("no file uploaded: choose one or more PNG or JPEG images")
+    if len(files) > MAX_FILES:
+        raise UploadError(f"{len(files)} files: at most {MAX_FILES} per request", 413)
+    uploads = []
+    for index, storage in enumerate(files):
+        # The client's filename is only ever echoed back (escaped by the page), never used as a path.
+        name = Path(storage.filename or f"file {index + 1}").name[:100] or f"file {index + 1}"
+        payload = storage.read(MAX_FILE_BYTES + 1)
+        _check_image(name, payload)
+        uploads.append((name, payload))
+    return uploads
+
+
+def _score(scoring_url: str, images: list[bytes]) -> list[dict]:
+    body = {"dataframe_records": [{"image": base64.b64encode(img).decode()} for img in images]}
+    try:
+        response = requests.post(f"{scoring_url}/invocations", json=body, timeout=UPSTREAM_TIMEOUT_S)
+    except requests.Timeout:
+        raise UploadError("the model server did not answer in time; try again in a moment", 504) from None
+    except requests.ConnectionError:
+        raise UploadError("the model server is not reachable right now; try again in a moment", 503) from None
+    if response.status_code == 400:
+        raise UploadError("the model could not read one of these images", 422)
+    if response.status_code != 200:
+        raise UploadError("the model server failed to answer; try again in a moment", 502)
+    return response.json()["predictions"]
+
+
+def _model_info_from_registry(tracking_uri: str | None) -> dict:
+    from mlflow.tracking import MlflowClient  # imported here: the page works without a registry
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    version = client.get_model_version_by_alias(MODEL_NAME, MODEL_ALIAS)
+    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
+    return {"name": MODEL_NAME, "version": version.version, "stage": version.current_stage, "alias": MODEL_ALIAS,
+            "run_id": version.run_id, "description": version.description,
+            "metrics": {k: metrics[k] for k in ("test_accuracy", "best_val_accuracy") if k in metrics}}
+
+
+def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
+               model_info_file: str | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    scoring_url = (scoring_url or os.environ.get("FMNIST_SCORING_URL", DEFAULT_SCORING_URL)).rstrip("/")
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    model_info_file = model_info_file or os.environ.get("FMNIST_MODEL_INFO")
+    gallery = samples.load_gallery()
+    info_cache: dict = {"at": 0.0, "value": None}
+
+    @app.errorhandler(UploadError)
+    def upload_error(err: UploadError):
+        return jsonify(error=err.message), err.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        if isinstance(err, RequestEntityTooLarge):
+            return jsonify(error=f"upload larger than {MAX_REQUEST_BYTES // 2**20} MiB in total"), 413
+        return jsonify(error=err.description), err.code
+
+    @app.errorhandler(Exception)
+    def unexpected(err: Exception):
+        app.logger.exception("unexpected error")  # details go to the log, never to the user
+        return jsonify(error="internal error"), 500
+
+    @app.get("/")
+    def index():
+        return render_template("index.html", samples=gallery, max_files=MAX_FILES,
+                               max_file_mib=MAX_FILE_BYTES // 2**20)
+
+    @app.post("/predict")
+    def predict():
+        uploads = _read_uploads()
+        predictions = _score(scoring_url, [payload for _, payload in uploads])
+        results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
+                    "probability": max(p["probabilities"]), "probabilities": p["probabilities"]}
+                   for (name, _), p in zip(uploads, predictions, strict=True)]
+        return jsonify(results=results, class_names=samples.CLASS_NAMES)
+
+    @app.get("/samples/<int:index>.png")
+    def sample_image(index: int):
+        if not 0 <= index < len(gallery):
+            return jsonify(error="no such sample"), 404
+        return gallery[index]["png"], 200, {"Content-Type": "image/png", "Cache-Control": "max-age=86400"}
+
+    @app.get("/model_info")
+    def model_info():
+        if time.monotonic() - info_cache["at"] > MODEL_INFO_TTL_S or info_cache["value"] is None:
+            try:
+                info_cache["value"] = _model_info_from_registry(tracking_uri)
+            except Exception:  # registry unreachable or empty: fall back to the exported metadata
+                if model_info_file and Path(model_info_file).is_file():
+                    info_cache["value"] = json.loads(Path(model_info_file).read_text())
+                else:
+                    return jsonify(error="model information is not available"), 503
+            info_cache["at"] = time.monotonic()
+        return jsonify(info_cache["value"])
+
+    @app.get("/health")
+    def health():
+        try:
+            upstream_ok = requests.get(f"{scoring_url}/ping", timeout=HEALTH_TIMEOUT_S).status_code == 200
+        except requests.RequestException:
+            upstream_ok = False
+        status = {"ui": "ok", "scoring_server": "ok" if upstream_ok else "unreachable"}
+        return jsonify(status), 200 if upstream_ok else 503
+
+    return app

@@ -1,0 +1,103 @@
+// Upload UI: posts images to /predict and draws each answer with a bar chart of the ten probabilities.
+"use strict";
+
+const form = document.getElementById("upload-form");
+const input = document.getElementById("files");
+const dropzone = document.getElementById("dropzone");
+const message = document.getElementById("message");
+const results = document.getElementById("results");
+const HEALTH_POLL_MS = 10000;
+
+function showMessage(text) { message.textContent = text || ""; }
+
+function card(result, previewUrl, classNames) {
+  const el = document.createElement("div");
+  el.className = "card";
+  el.dataset.prediction = result.class_name;
+  const head = document.createElement("header");
+  const img = document.createElement("img");
+  img.src = previewUrl;
+  img.alt = result.filename;
+  const text = document.createElement("div");
+  const name = document.createElement("div");
+  name.className = "muted";
+  name.textContent = result.filename;
+  const prediction = document.createElement("div");
+  prediction.className = "prediction";
+  prediction.textContent = `${result.class_name} (${(100 * result.probability).toFixed(1)} %)`;
+  text.append(name, prediction);
+  head.append(img, text);
+  const chart = document.createElement("div");
+  chart.className = "chart";
+  result.probabilities.forEach((p, i) => {
+    const row = document.createElement("div");
+    row.className = "bar-row";
+    const label = document.createElement("span");
+    label.textContent = classNames[i];
+    const track = document.createElement("div");
+    const bar = document.createElement("div");
+    bar.className = i === result.class_index ? "bar top" : "bar";
+    bar.style.width = `${Math.max(0.5, 100 * p)}%`;
+    track.append(bar);
+    const value = document.createElement("span");
+    value.textContent = `${(100 * p).toFixed(1)}%`;
+    row.append(label, track, value);
+    chart.append(row);
+  });
+  el.append(head, chart);
+  return el;
+}
+
+async function classify(files) {
+  if (!files.length) { return; }
+  showMessage("Classifying\u2026");
+  const body = new FormData();
+  for (const f of files) { body.append("files", f, f.name); }
+  let response;
+  try {
+    response = await fetch("/predict", { method: "POST", body });
+  } catch (err) {
+    showMessage("The web UI is not reachable.");
+    return;
+  }
+  const payload = await response.json().catch(() => ({ error: `request failed (${response.status})` }));
+  if (!response.ok) { showMessage(payload.error || `request failed (${response.status})`); return; }
+  showMessage("");
+  payload.results.forEach((result, i) => {
+    results.prepend(card(result, URL.createObjectURL(files[i]), payload.class_names));
+  });
+}
+
+input.addEventListener("change", () => { classify(Array.from(input.files)); input.value = ""; });
+form.addEventListener("submit", (e) => { e.preventDefault(); classify(Array.from(input.files)); });
+["dragenter", "dragover"].forEach((t) => dropzone.addEventListener(t, (e) => {
+  e.preventDefault(); dropzone.classList.add("over");
+}));
+["dragleave", "drop"].forEach((t) => dropzone.addEventListener(t, (e) => {
+  e.preventDefault(); dropzone.classList.remove("over");
+}));
+dropzone.addEventListener("drop", (e) => classify(Array.from(e.dataTransfer.files)));
+
+document.querySelectorAll(".sample").forEach((button) => button.addEventListener("click", async () => {
+  const blob = await (await fetch(`/samples/${button.dataset.index}.png`)).blob();
+  classify([new File([blob], `test image: ${button.title}.png`, { type: "image/png" })]);
+}));
+
+async function refreshStatus() {
+  const info = document.getElementById("model-info");
+  try {
+    const r = await fetch("/model_info");
+    const m = await r.json();
+    if (r.ok) {
+      const acc = m.metrics && m.metrics.test_accuracy ? `, test accuracy ${(100 * m.metrics.test_accuracy).toFixed(2)} %` : "";
+      info.textContent = `model: ${m.name} v${m.version} (stage ${m.stage}, alias @${m.alias})${acc}`;
+    } else { info.textContent = `model: ${m.error}`; }
+  } catch (err) { info.textContent = "model: unknown"; }
+  try {
+    const h = await fetch("/health");
+    document.getElementById("health").textContent =
+      h.ok ? "scoring server: ok" : "scoring server: unreachable (predictions will fail until it is back)";
+  } catch (err) { document.getElementById("health").textContent = "web UI: unreachable"; }
+}
+refreshStatus();
+setInterval(refreshStatus, HEALTH_POLL_MS);
