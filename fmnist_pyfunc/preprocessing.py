@@ -66,26 +66,29 @@ def decode_base64(value, row: int) -> bytes:
         raise InputError(f"row {row}: 'image' is not valid base64") from None
 
 
-def open_image(encoded: bytes, row: int) -> Image.Image:
-    """Decode PNG/JPEG bytes, refusing other formats, truncated files and decompression bombs."""
+def open_image(encoded: bytes, where: str) -> Image.Image:
+    """Decode PNG/JPEG bytes, refusing other formats, truncated files and decompression bombs.
+
+    `where` names the input in error messages ("row 3", a file name). The web UI uses this too.
+    """
     if not encoded:
-        raise InputError(f"row {row}: 'image' is empty")
+        raise InputError(f"{where}: the image is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(encoded), formats=ALLOWED_FORMATS)
             width, height = image.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise InputError(f"row {row}: image of {width}x{height} pixels exceeds {MAX_IMAGE_PIXELS:,} pixels")
+                raise InputError(f"{where}: image of {width}x{height} pixels exceeds {MAX_IMAGE_PIXELS:,} pixels")
             image.load()
     except InputError:
         raise
     except UnidentifiedImageError:
-        raise InputError(f"row {row}: 'image' is not a PNG or JPEG image") from None
+        raise InputError(f"{where}: not a PNG or JPEG image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"row {row}: image exceeds {MAX_IMAGE_PIXELS:,} pixels") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"row {row}: image could not be decoded (truncated or corrupt: {exc})") from None
+        raise InputError(f"{where}: image exceeds {MAX_IMAGE_PIXELS:,} pixels") from None
+    except (OSError, SyntaxError, ValueError):
+        raise InputError(f"{where}: the image is truncated or corrupt") from None
     return ImageOps.exif_transpose(image)
 
 
@@ -153,5 +156,5 @@ def frame_to_batch(frame) -> np.ndarray:
         if has_pixels:
             batch[row] = pixels_to_array(pix, row)
         else:
-            batch[row] = image_to_array(open_image(decode_base64(img, row), row))
+            batch[row] = image_to_array(open_image(decode_base64(img, row), f"row {row}"))
     return batch

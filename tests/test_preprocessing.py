@@ -116,7 +116,7 @@ def _gif_base64() -> str:
     ({"image": ["not base64!!"]}, "base64"),
     ({"image": [base64.b64encode(b"hello, not an image").decode()]}, "not a PNG or JPEG"),
     ({"image": [_gif_base64()]}, "not a PNG or JPEG"),
-    ({"image": [""]}, "empty"),
+    ({"image": [""]}, "row 0: the image is empty"),
     ({"image": [12]}, "base64 string"),
     ({"pixels": [None], "image": [None]}, "exactly one"),
     ({"weights": [1]}, "unknown input column"),
@@ -129,7 +129,7 @@ def test_bad_input_raises_a_clear_error(columns, message):
 def test_truncated_jpeg_is_refused(dataset):
     raw = base64.b64decode(_encode(_upscaled(dataset.test_images[0]), "JPEG"))
     truncated = base64.b64encode(raw[: len(raw) // 2]).decode()
-    with pytest.raises(pre.InputError, match="truncated or corrupt"):
+    with pytest.raises(pre.InputError, match="row 0: the image is truncated or corrupt"):
         _batch(image=[truncated])
 
 

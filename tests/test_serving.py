@@ -2,6 +2,7 @@
 
 import base64
 import io
+import socket
 import subprocess
 import sys
 
@@ -100,6 +101,20 @@ def test_ui_without_scoring_server_answers_503(tracking_uri, tmp_path, dataset):
     response = client.post("/predict", data={"files": (io.BytesIO(png), "a.png")}, content_type="multipart/form-data")
     assert response.status_code == 503 and "not reachable" in response.get_json()["error"]
     assert client.get("/health").status_code == 503
+
+
+def test_ui_with_a_scoring_server_slower_than_its_timeout_answers_504(dataset):
+    from webui.app import create_app
+
+    with socket.socket() as silent:  # accepts connections (backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        client = create_app(scoring_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                            upstream_timeout_s=0.5).test_client()
+        png = base64.b64decode(png_base64(dataset.test_images[0]))
+        response = client.post("/predict", data={"files": (io.BytesIO(png), "a.png")},
+                               content_type="multipart/form-data")
+    assert response.status_code == 504 and "did not answer in time" in response.get_json()["error"]
 
 
 def test_ui_never_imports_torch(tmp_path):

@@ -8,18 +8,16 @@ Configuration (environment): FMNIST_SCORING_URL (default http://127.0.0.1:5001),
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import time
-import warnings
 from pathlib import Path
 
 import requests
 from flask import Flask, jsonify, render_template, request
-from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from fmnist_pyfunc import preprocessing  # numpy and Pillow only: the same checks as the model's
 from webui import samples
 
 DEFAULT_SCORING_URL = "http://127.0.0.1:5001"
@@ -28,8 +26,6 @@ MODEL_ALIAS = "champion"
 MAX_FILES = 16                        # images per request: one scoring call, well under its 1,024-row limit
 MAX_FILE_BYTES = 5 * 2**20            # 5 MiB per image: phone photos fit, anything larger is not a photo
 MAX_REQUEST_BYTES = MAX_FILES * MAX_FILE_BYTES + 2**20  # all files plus multipart overhead
-MAX_IMAGE_PIXELS = 40_000_000         # same bound as the model's preprocessing: refuse bombs before sending
-ALLOWED_FORMATS = ("PNG", "JPEG")
 UPSTREAM_TIMEOUT_S = 10.0             # a healthy server answers a 16-image batch in well under a second
 HEALTH_TIMEOUT_S = 2.0
 MODEL_INFO_TTL_S = 30.0               # registry lookups are cached: the page polls /model_info
@@ -42,26 +38,13 @@ class UploadError(Exception):
 
 
 def _check_image(name: str, payload: bytes) -> None:
-    """Refuse what is not a complete PNG/JPEG of a sane size, without decoding bombs."""
-    if not payload:
-        raise UploadError(f"{name}: the file is empty")
+    """Refuse what the model would refuse (not a complete PNG/JPEG, a decompression bomb) before sending it."""
     if len(payload) > MAX_FILE_BYTES:
         raise UploadError(f"{name}: larger than {MAX_FILE_BYTES // 2**20} MiB", 413)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(payload), formats=ALLOWED_FORMATS)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise UploadError(f"{name}: {image.width}x{image.height} pixels is too large", 413)
-            image.load()
-    except UploadError:
-        raise
-    except UnidentifiedImageError:
-        raise UploadError(f"{name}: not a PNG or JPEG image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UploadError(f"{name}: too many pixels", 413) from None
-    except (OSError, SyntaxError, ValueError):
-        raise UploadError(f"{name}: the image is truncated or corrupt") from None
+        preprocessing.open_image(payload, name)
+    except preprocessing.InputError as exc:
+        raise UploadError(str(exc)) from None
 
 
 def _read_uploads() -> list[tuple[str, bytes]]:
@@ -80,10 +63,10 @@ def _read_uploads() -> list[tuple[str, bytes]]:
     return uploads
 
 
-def _score(scoring_url: str, images: list[bytes]) -> list[dict]:
+def _score(scoring_url: str, images: list[bytes], timeout_s: float) -> list[dict]:
     body = {"dataframe_records": [{"image": base64.b64encode(img).decode()} for img in images]}
     try:
-        response = requests.post(f"{scoring_url}/invocations", json=body, timeout=UPSTREAM_TIMEOUT_S)
+        response = requests.post(f"{scoring_url}/invocations", json=body, timeout=timeout_s)
     except requests.Timeout:
         raise UploadError("the model server did not answer in time; try again in a moment", 504) from None
     except requests.ConnectionError:
@@ -107,7 +90,7 @@ def _model_info_from_registry(tracking_uri: str | None) -> dict:
 
 
 def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
-               model_info_file: str | None = None) -> Flask:
+               model_info_file: str | None = None, upstream_timeout_s: float = UPSTREAM_TIMEOUT_S) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     scoring_url = (scoring_url or os.environ.get("FMNIST_SCORING_URL", DEFAULT_SCORING_URL)).rstrip("/")
@@ -139,7 +122,7 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
     @app.post("/predict")
     def predict():
         uploads = _read_uploads()
-        predictions = _score(scoring_url, [payload for _, payload in uploads])
+        predictions = _score(scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
                     "probability": max(p["probabilities"]), "probabilities": p["probabilities"]}
                    for (name, _), p in zip(uploads, predictions, strict=True)]
