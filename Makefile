@@ -16,11 +16,13 @@ STAMP        := $(VENV)/.installed
 MLFLOW_UI_PORT ?= 5000
 SCORING_PORT ?= 5001
 UI_PORT      ?= 8000
+SWEEP_PRESET ?= default
+EXPORT_DIR   ?= export
 HOST         ?= 127.0.0.1
 MODEL_URI    ?= models:/fashion-mnist-cnn/Production
 export FMNIST_SCORING_URL ?= http://127.0.0.1:$(SCORING_PORT)
 
-.PHONY: install dataset system-deps run train sweep promote serve ui serve-all mlflow-ui test lint bench clean
+.PHONY: install dataset system-deps run train sweep promote export serve ui serve-all mlflow-ui test lint bench clean
 
 install: $(STAMP) dataset
 
@@ -47,7 +49,7 @@ train: install
 	$(PROJECT) -e train
 
 sweep: install
-	$(PROJECT) -e sweep
+	$(PROJECT) -e sweep -P preset=$(SWEEP_PRESET)
 
 promote: install
 	$(PROJECT) -e promote -P experiment=$(MLFLOW_EXPERIMENT_NAME)
@@ -71,12 +73,17 @@ serve-all:
 mlflow-ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h $(HOST) -p $(MLFLOW_UI_PORT)
 
-test: install system-deps
-	$(BIN)/ruff check .
+test: install system-deps lint
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/actionlint
+
+# The Production model, self-contained, for the Docker image (then: docker build -t fmnist:latest .).
+export: install
+	$(BIN)/python -m entrypoints.export --output $(EXPORT_DIR)
 
 bench: install
 	$(BIN)/python benchmarks/train_speed.py

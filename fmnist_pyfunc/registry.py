@@ -7,9 +7,13 @@ the one set that no run trained or selected on (validation splits differ per see
 
 from __future__ import annotations
 
+import json
+import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,12 +22,13 @@ from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from fmnist_pyfunc import data as fdata
-from fmnist_pyfunc.config import REGISTERED_MODEL_NAME
-from fmnist_pyfunc.tracking import MODEL_URI_TAG, SELECTION_METRIC
+from fmnist_pyfunc.config import MODEL_URI_TAG, REGISTERED_MODEL_NAME, SELECTION_METRIC
 
 PRODUCTION = "Production"
 ARCHIVED = "Archived"
 CHAMPION_ALIAS = "champion"
+EXPORT_MODEL_DIR = "model"            # inside the export folder: what `mlflow models serve -m` gets
+EXPORT_INFO_FILE = "model_info.json"  # the UI's /model_info when no registry is reachable
 GATE_BATCH_ROWS = 1000  # rows per pyfunc call: the serving limit is 1024 rows per request
 
 
@@ -143,6 +148,34 @@ def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> De
                                                   archive_existing_versions=True)
         client.set_registered_model_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS, version)
     return decision
+
+
+def version_info(version: str) -> dict:
+    """What the UI shows about a registered version: name, version, stage, alias, run, metrics."""
+    client = MlflowClient()
+    with _stages_quietly():
+        model_version = client.get_model_version(REGISTERED_MODEL_NAME, version)
+    metrics = client.get_run(model_version.run_id).data.metrics if model_version.run_id else {}
+    return {"name": REGISTERED_MODEL_NAME, "version": model_version.version, "stage": model_version.current_stage,
+            "alias": CHAMPION_ALIAS if CHAMPION_ALIAS in model_version.aliases else None,
+            "run_id": model_version.run_id, "description": model_version.description,
+            "metrics": {k: metrics[k] for k in ("test_accuracy", SELECTION_METRIC) if k in metrics}}
+
+
+def export_production(destination: Path) -> dict:
+    """Write the Production model (MLflow model format, self-contained) and its metadata to `destination`."""
+    version = current_production()
+    if version is None:
+        raise PromotionError(f"no version of {REGISTERED_MODEL_NAME} is in {PRODUCTION}: run promote first")
+    model_dir, staging = destination / EXPORT_MODEL_DIR, destination / f"{EXPORT_MODEL_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL_NAME}/{version}", dst_path=str(staging))
+    shutil.rmtree(model_dir, ignore_errors=True)  # the old export goes only once the new one is complete
+    staging.rename(model_dir)
+    info = {**version_info(version), "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    (destination / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
+    return info
 
 
 def log_decision(decision: Decision) -> None:

@@ -113,7 +113,7 @@ def make_objective(preset: str, dataset: fdata.FashionMNIST, parent_run_id: str,
                 MlflowClient().set_terminated(run_id, status="KILLED")
                 MlflowClient().set_tag(run_id, "optuna.state", "PRUNED")
             raise
-        return MlflowClient().get_run(run_id).data.metrics[tracking.SELECTION_METRIC]
+        return MlflowClient().get_run(run_id).data.metrics[config.SELECTION_METRIC]
 
     return objective
 

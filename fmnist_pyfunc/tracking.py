@@ -23,14 +23,13 @@ from PIL import Image
 
 from fmnist_pyfunc import augment, models, reporting, training
 from fmnist_pyfunc import data as fdata
+from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 MODEL_NAME_IN_RUN = "model"
-MODEL_URI_TAG = "model_uri"
 SERVING_REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "pillow")
-SELECTION_METRIC = "best_val_accuracy"  # what the sweep optimises and promote ranks by; never test data
 
 
 def git_commit() -> str:

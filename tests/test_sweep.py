@@ -7,6 +7,7 @@ import time
 import warnings
 
 import mlflow
+import pandas as pd
 import pytest
 from conftest import mlflow_run, project_env
 
@@ -35,7 +36,7 @@ def test_sweep_links_children_and_promotes_the_best(tracking_uri, tmp_path, data
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = mlflow.pyfunc.load_model(f"models:/{config.REGISTERED_MODEL_NAME}/Production")
-    frame = __import__("pandas").DataFrame({"pixels": list(dataset.test_images[:50].astype(float))})
+    frame = pd.DataFrame({"pixels": list(dataset.test_images[:50].astype(float))})
     assert (model.predict(frame)["class_index"].to_numpy() == dataset.test_labels[:50]).mean() > 0.5
 
 

@@ -11,6 +11,8 @@ import pytest
 from conftest import REPO, png_base64, project_env
 from mlflow.models import validate_serving_input
 
+from fmnist_pyfunc.config import CLASS_NAMES
+
 pytestmark = pytest.mark.e2e
 
 
@@ -55,7 +57,7 @@ def test_serving_input_example_validates_without_pickle(trained_run, monkeypatch
     local = mlflow.artifacts.download_artifacts(_model_uri(trained_run))
     example = (REPO / local / "serving_input_example.json").read_text()
     result = validate_serving_input(_model_uri(trained_run), example)
-    assert len(result) == 2 and set(result["class_name"]) <= set(__import__("fmnist_pyfunc.config").config.CLASS_NAMES)
+    assert len(result) == 2 and set(result["class_name"]) <= set(CLASS_NAMES)
 
 
 def test_contract_json_records(trained_run, dataset):

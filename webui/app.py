@@ -13,16 +13,16 @@ import os
 import time
 from pathlib import Path
 
+import mlflow
 import requests
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from fmnist_pyfunc import preprocessing  # numpy and Pillow only: the same checks as the model's
+from fmnist_pyfunc import preprocessing, registry  # no torch: numpy, Pillow, mlflow's client
+from fmnist_pyfunc.config import REGISTERED_MODEL_NAME
 from webui import samples
 
 DEFAULT_SCORING_URL = "http://127.0.0.1:5001"
-MODEL_NAME = "fashion-mnist-cnn"
-MODEL_ALIAS = "champion"
 MAX_FILES = 16                        # images per request: one scoring call, well under its 1,024-row limit
 MAX_FILE_BYTES = 5 * 2**20            # 5 MiB per image: phone photos fit, anything larger is not a photo
 MAX_REQUEST_BYTES = MAX_FILES * MAX_FILE_BYTES + 2**20  # all files plus multipart overhead
@@ -78,15 +78,18 @@ def _score(scoring_url: str, images: list[bytes], timeout_s: float) -> list[dict
     return response.json()["predictions"]
 
 
-def _model_info_from_registry(tracking_uri: str | None) -> dict:
-    from mlflow.tracking import MlflowClient  # imported here: the page works without a registry
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    version = client.get_model_version_by_alias(MODEL_NAME, MODEL_ALIAS)
-    metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
-    return {"name": MODEL_NAME, "version": version.version, "stage": version.current_stage, "alias": MODEL_ALIAS,
-            "run_id": version.run_id, "description": version.description,
-            "metrics": {k: metrics[k] for k in ("test_accuracy", "best_val_accuracy") if k in metrics}}
+def _model_info(tracking_uri: str | None, model_info_file: str | None) -> dict | None:
+    """From the registry when a tracking URI is set; else (a container) from the exported metadata file."""
+    if tracking_uri:
+        try:
+            mlflow.set_tracking_uri(tracking_uri)
+            champion = mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL_NAME, registry.CHAMPION_ALIAS)
+            return registry.version_info(champion.version)
+        except Exception:  # registry down or no champion yet: the file below, if any, is the next best
+            pass
+    if model_info_file and Path(model_info_file).is_file():
+        return json.loads(Path(model_info_file).read_text())
+    return None
 
 
 def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
@@ -137,14 +140,10 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
     @app.get("/model_info")
     def model_info():
         if time.monotonic() - info_cache["at"] > MODEL_INFO_TTL_S or info_cache["value"] is None:
-            try:
-                info_cache["value"] = _model_info_from_registry(tracking_uri)
-            except Exception:  # registry unreachable or empty: fall back to the exported metadata
-                if model_info_file and Path(model_info_file).is_file():
-                    info_cache["value"] = json.loads(Path(model_info_file).read_text())
-                else:
-                    return jsonify(error="model information is not available"), 503
-            info_cache["at"] = time.monotonic()
+            info = _model_info(tracking_uri, model_info_file)
+            if info is None:
+                return jsonify(error="model information is not available"), 503
+            info_cache.update(at=time.monotonic(), value=info)
         return jsonify(info_cache["value"])
 
     @app.get("/health")
