@@ -18,6 +18,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
@@ -162,6 +163,19 @@ def version_info(version: str) -> dict:
             "metrics": {k: metrics[k] for k in ("test_accuracy", SELECTION_METRIC) if k in metrics}}
 
 
+def _drop_absolute_paths(mlmodel: Path) -> None:
+    """MLmodel records where things came from (the run's artifact folder, the logging machine's files).
+    Loading uses only the relative paths, so the export keeps those alone and points nowhere outside."""
+    spec = yaml.safe_load(mlmodel.read_text())
+    spec.pop("artifact_path", None)
+    pyfunc = spec["flavors"]["python_function"]
+    if "model_code_path" in pyfunc:  # MLflow loads it by basename from the model folder
+        pyfunc["model_code_path"] = Path(pyfunc["model_code_path"]).name
+    for artifact in pyfunc.get("artifacts", {}).values():
+        artifact["uri"] = artifact["path"]
+    mlmodel.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
 def export_production(destination: Path) -> dict:
     """Write the Production model (MLflow model format, self-contained) and its metadata to `destination`."""
     version = current_production()
@@ -171,6 +185,7 @@ def export_production(destination: Path) -> dict:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     mlflow.artifacts.download_artifacts(f"models:/{REGISTERED_MODEL_NAME}/{version}", dst_path=str(staging))
+    _drop_absolute_paths(staging / "MLmodel")
     shutil.rmtree(model_dir, ignore_errors=True)  # the old export goes only once the new one is complete
     staging.rename(model_dir)
     info = {**version_info(version), "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}

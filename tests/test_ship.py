@@ -68,6 +68,8 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
     for path in (tmp_path / "export").rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".txt", "") and path.stat().st_size < 2**20:
             assert store not in path.read_text(errors="ignore"), f"{path} points into the tracking store"
+    mlmodel = (tmp_path / "export" / registry.EXPORT_MODEL_DIR / "MLmodel").read_text()
+    assert not re.search(r":\s*/", mlmodel), "MLmodel holds an absolute path"
 
     scoring_port, ui_port = free_port(), free_port()
     env = {k: v for k, v in project_env(tracking_uri).items() if k != "MLFLOW_TRACKING_URI"}  # no registry
