@@ -63,10 +63,10 @@ def _read_uploads() -> list[tuple[str, bytes]]:
     return uploads
 
 
-def _score(scoring_url: str, images: list[bytes], timeout_s: float) -> list[dict]:
+def _score(session: requests.Session, scoring_url: str, images: list[bytes], timeout_s: float) -> list[dict]:
     body = {"dataframe_records": [{"image": base64.b64encode(img).decode()} for img in images]}
     try:
-        response = requests.post(f"{scoring_url}/invocations", json=body, timeout=timeout_s)
+        response = session.post(f"{scoring_url}/invocations", json=body, timeout=timeout_s)
     except requests.Timeout:
         raise UploadError("the model server did not answer in time; try again in a moment", 504) from None
     except requests.ConnectionError:
@@ -100,6 +100,7 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     model_info_file = model_info_file or os.environ.get("FMNIST_MODEL_INFO")
     gallery = samples.load_gallery()
+    upstream = requests.Session()  # keep-alive to the scoring server: no TCP handshake per prediction
     info_cache: dict = {"at": 0.0, "value": None}
 
     @app.errorhandler(UploadError)
@@ -125,7 +126,7 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
     @app.post("/predict")
     def predict():
         uploads = _read_uploads()
-        predictions = _score(scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
+        predictions = _score(upstream, scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
                     "probability": max(p["probabilities"]), "probabilities": p["probabilities"]}
                    for (name, _), p in zip(uploads, predictions, strict=True)]
