@@ -51,6 +51,8 @@ def test_logged_model_predicts_both_input_kinds(trained_run, dataset):
     assert (raw_part == labels[:100]).mean() > 0.5 and (png_part == labels[100:]).mean() > 0.5
 
 
+# The issue asks for validate_serving_input by name; MLflow 3.13+ marks it deprecated for mlflow.models.predict.
+@pytest.mark.filterwarnings("ignore:.*validate_serving_input.*:FutureWarning")
 def test_serving_input_example_validates_without_pickle(trained_run, monkeypatch):
     """The logged input example passes MLflow's serving validation with pickle loading disabled."""
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
