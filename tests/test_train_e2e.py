@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, png_base64, project_env
+from conftest import REPO, mlflow_run, png_base64, project_env
 from mlflow.models import validate_serving_input
 
 from fmnist_pyfunc.config import CLASS_NAMES
@@ -90,3 +90,11 @@ def test_bad_parameters_fail_fast_without_creating_a_run(tracking_uri, tmp_path,
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     experiment = mlflow.get_experiment_by_name("bad-params")
     assert experiment is None or not mlflow.search_runs([experiment.experiment_id], output_format="list")
+
+
+def test_promote_entry_point_picks_the_best_run(trained_run, tracking_uri, tmp_path):
+    """`mlflow run . -e promote` with its defaults (empty run_id: the experiment's best run) registers it."""
+    result = mlflow_run("promote", {"experiment": "e2e-train"}, tracking_uri, "e2e-promote", tmp_path)
+    assert "fashion-mnist-cnn v" in result.stdout
+    versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{trained_run.info.run_id}'")
+    assert len(versions) == 1
