@@ -22,7 +22,7 @@ HOST         ?= 127.0.0.1
 MODEL_URI    ?= models:/fashion-mnist-cnn/Production
 export FMNIST_SCORING_URL ?= http://127.0.0.1:$(SCORING_PORT)
 
-.PHONY: install dataset system-deps run train sweep promote export serve ui serve-all mlflow-ui test lint bench clean
+.PHONY: install dataset system-deps run train sweep promote export serve ui serve-all tracking-server mlflow-ui test lint bench clean
 
 install: $(STAMP) dataset
 
@@ -69,6 +69,13 @@ serve-all:
 	@echo "scoring server: http://$(HOST):$(SCORING_PORT)/invocations   web UI: http://$(HOST):$(UI_PORT)/"
 	@echo "(MLflow UI: make mlflow-ui -> http://$(HOST):$(MLFLOW_UI_PORT)/ ; Ctrl-C stops both servers)"
 	$(MAKE) -j2 serve ui
+
+# Team mode: a shared tracking server on PostgreSQL, artifacts served through it (see README, "Team mode").
+TRACKING_DB_URI ?= postgresql://mlflow@127.0.0.1:5432/mlflow
+ARTIFACTS_DESTINATION ?= $(CURDIR)/mlartifacts
+tracking-server: install
+	mlflow server --backend-store-uri $(TRACKING_DB_URI) --artifacts-destination $(ARTIFACTS_DESTINATION) \
+	  --host $(HOST) --port $(MLFLOW_UI_PORT)
 
 mlflow-ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h $(HOST) -p $(MLFLOW_UI_PORT)

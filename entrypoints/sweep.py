@@ -13,9 +13,17 @@ import os
 import sys
 
 import mlflow
+import optuna
+import requests
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
 
 from entrypoints.promote import report
 from fmnist_pyfunc import cli, config, data, registry, sweep, tracking
+
+# What a dead PostgreSQL (Optuna's storage) or tracking server surfaces as, from Optuna, SQLAlchemy or MLflow.
+LOST_BACKEND_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
+                       optuna.exceptions.StorageInternalError, requests.exceptions.ConnectionError, MlflowException)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
     if "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(args.experiment)
+    try:
+        return sweep_and_promote(args, dataset)
+    except LOST_BACKEND_ERRORS as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"[sweep] lost the study storage or the tracking server: {reason}\n[sweep] every finished trial is "
+              "kept; start the same command again once it is back to resume the study", file=sys.stderr)
+        return 1
+
+
+def sweep_and_promote(args: argparse.Namespace, dataset: data.FashionMNIST) -> int:
     with mlflow.start_run(run_name=f"sweep-{args.study}"):
         study, best_run_id = sweep.run_sweep(args.preset, args.n_trials, args.timeout_minutes, args.n_jobs,
                                              args.seed, args.storage, args.study, dataset)
@@ -52,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
             print("[sweep] no trial completed; nothing to promote", file=sys.stderr)
             return 1
         print(f"[sweep] best trial {study.best_trial.number}: val_accuracy {study.best_value:.4f}, run {best_run_id}")
-        if args.promote:
+        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if running:  # several workers share the study: the last one to finish promotes, once
+            print(f"[sweep] {len(running)} trial(s) still running in other workers; the last worker promotes")
+        elif args.promote:
             decision = registry.promote(best_run_id, dataset)
             registry.log_decision(decision)
             report(decision)

@@ -124,6 +124,18 @@ def current_production() -> str | None:
     return versions[0].version if versions else None
 
 
+def _move_to_production(client: MlflowClient, version: str) -> None:
+    """`version` to Production, every other Production/Staging version to Archived.
+
+    Not `archive_existing_versions=True`: in MLflow 3.17 it compares an integer column with the string
+    version, which PostgreSQL rejects ("operator does not exist: integer <> character varying")."""
+    with _stages_quietly():
+        client.transition_model_version_stage(REGISTERED_MODEL_NAME, version, PRODUCTION)
+        for other in client.get_latest_versions(REGISTERED_MODEL_NAME, stages=[PRODUCTION, "Staging"]):
+            if str(other.version) != str(version):
+                client.transition_model_version_stage(REGISTERED_MODEL_NAME, other.version, ARCHIVED)
+
+
 def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> Decision:
     """Register `run_id`'s model and make it Production + champion if it beats the current Production."""
     version = register(run_id)
@@ -144,9 +156,7 @@ def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> De
     client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "promotion_decision",
                                  ("promoted: " if decision.promoted else "rejected: ") + decision.reason)
     if decision.promoted:
-        with _stages_quietly():
-            client.transition_model_version_stage(REGISTERED_MODEL_NAME, version, PRODUCTION,
-                                                  archive_existing_versions=True)
+        _move_to_production(client, version)
         client.set_registered_model_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS, version)
     return decision
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import mlflow
 import optuna
+import sqlalchemy.exc
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -22,8 +23,9 @@ from fmnist_pyfunc import data as fdata
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_STUDY = "fmnist-sweep"
-HEARTBEAT_SECONDS = 20     # a RUNNING trial whose worker is silent this long...
-GRACE_SECONDS = 60         # ...plus this is failed as stale (its worker was killed)
+HEARTBEAT_SECONDS = 10     # a live worker refreshes its running trial this often (a thread, not per epoch)...
+GRACE_SECONDS = 20         # ...so a trial silent for heartbeat + grace belongs to a dead worker: failed
+STORAGE_CREATE_ATTEMPTS = 3  # a fresh shared database: one worker creates the schema, the others retry
 PRUNER_STARTUP_TRIALS = 2  # trials that always run to the end, to give the median a baseline
 PRUNER_WARMUP_EPOCHS = 3   # early epochs are noisy under a one-cycle schedule: never prune there
 
@@ -81,18 +83,40 @@ def _mark_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
 def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
     # Heartbeats are marked experimental, but they are Optuna's documented way to fail a dead worker's trials.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, message=".*heartbeat.*")
-    storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS,
-                                         grace_period=GRACE_SECONDS,
-                                         heartbeat_stale_trial_callback=_mark_killed)
+    for attempt in range(STORAGE_CREATE_ATTEMPTS):
+        try:
+            storage = optuna.storages.RDBStorage(storage_url, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                 grace_period=GRACE_SECONDS,
+                                                 heartbeat_stale_trial_callback=_mark_killed)
+            break
+        except sqlalchemy.exc.IntegrityError:  # workers started together race to create the tables
+            if attempt == STORAGE_CREATE_ATTEMPTS - 1:
+                raise
+            time.sleep(1 + attempt)
     return optuna.create_study(
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
+        # constant_liar: parallel workers see each other's running trials, so they do not sample the same point.
+        sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS),
     )
 
 
-def make_objective(preset: str, dataset: fdata.FashionMNIST, parent_run_id: str, base: dict):
+class BudgetExhausted(RuntimeError):
+    """Other workers have taken the study's last trial slots; this trial ends FAIL without a run."""
+
+
+def _slot(trial: optuna.Trial) -> int:
+    """This trial's place in the shared budget: trial numbers are handed out atomically by the storage,
+    so the number minus the failed trials before it is the count of real trials up to this one."""
+    failed = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    return trial.number - sum(t.number < trial.number for t in failed)
+
+
+def make_objective(preset: str, dataset: fdata.FashionMNIST, parent_run_id: str, base: dict, n_trials: int):
     def objective(trial: optuna.Trial) -> float:
+        if _slot(trial) >= n_trials:  # several workers: the budget is exact, not per worker
+            trial.study.stop()
+            raise BudgetExhausted(f"the study's {n_trials} trials are taken")
         cfg = config.validate({**base, **suggest(trial, preset)})
 
         def report(epoch: int, metrics: dict) -> None:
@@ -173,7 +197,7 @@ def run_sweep(preset: str, n_trials: int, timeout_minutes: float, n_jobs: int, s
     if remaining > 0:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # MaxTrialsCallback counts every worker's trials, so parallel workers stop at the shared budget.
-        study.optimize(make_objective(preset, dataset, parent.info.run_id, base), n_trials=remaining,
+        study.optimize(make_objective(preset, dataset, parent.info.run_id, base, n_trials), n_trials=remaining,
                        timeout=timeout_minutes * 60, n_jobs=n_jobs, catch=(Exception,),
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=counted),
                                   progress_printer(n_trials, time.time())])

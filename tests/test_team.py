@@ -1,0 +1,158 @@
+"""Team mode on real components over loopback: PostgreSQL, `mlflow server`, two sweep workers sharing a study."""
+
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+import requests
+from conftest import BIN, REPO, free_port, project_env, wait_until_up
+
+from fmnist_pyfunc import config
+
+pytestmark = pytest.mark.e2e
+PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+BUDGET = 4  # trials in the shared study
+
+
+class Postgres:
+    """A throwaway cluster owned by the `postgres` user (the server refuses to run as root)."""
+
+    def __init__(self):
+        self.root = Path(tempfile.mkdtemp(prefix="fmnist-pg-"))  # not under pytest's 0700 tmp: postgres must enter
+        self.port = free_port()
+        self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_owner:
+            shutil.chown(self.root, "postgres")
+        self.bin = Path(PG_BINS[-1])
+        self._run("initdb", "-D", str(self.root / "data"), "-U", "postgres", "--auth=trust")
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_owner, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "log"), "-w", "start",
+                  "-o", f"-p {self.port} -h 127.0.0.1 -k {self.root}")
+
+    def stop(self) -> None:
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "-w", "stop")
+
+    def url(self, db: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}"
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    if not PG_BINS:
+        pytest.fail("PostgreSQL is not installed: `apt-get install postgresql` (make system-deps does)")
+    pg = Postgres()
+    pg.start()
+    for db in ("mlflow", "optuna"):
+        pg._run("createdb", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "postgres", db)
+    yield pg
+    pg.stop()
+    shutil.rmtree(pg.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(postgres, tracking_uri):
+    port = free_port()
+    root = Path(tempfile.mkdtemp(prefix="fmnist-artifacts-"))
+    log = root / "server.log"
+    process = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres.url("mlflow"),
+                                "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                                "--port", str(port), "--workers", "2"],
+                               env=project_env(tracking_uri), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    wait_until_up(f"{url}/health", process, log)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def _worker(postgres, tracking_url: str, cwd: Path, study: str) -> subprocess.Popen:
+    command = [str(BIN / "mlflow"), "run", str(REPO), "-e", "sweep", "--env-manager", "local", "--experiment-name",
+               "team", "-P", "preset=quick", "-P", f"n_trials={BUDGET}", "-P", f"storage={postgres.url('optuna')}",
+               "-P", f"study={study}"]
+    # Fewer HTTP retries than MLflow's default (7, exponential backoff): the outage test waits on them.
+    env = dict(project_env(tracking_url), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _eventually(call, timeout_s: float = 60):
+    """Retry while the tracking server's database connections recover from the restart."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            return call()
+        except Exception:
+            if time.time() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _children(study: str) -> list:
+    runs = mlflow.search_runs(experiment_names=["team"], output_format="list",
+                              filter_string=f"tags.`optuna.study` = '{study}'")
+    return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server, tmp_path, dataset):
+    """Every trial runs once, the count equals the budget, one promotion, Production served via the server."""
+    workers = [_worker(postgres, tracking_server, tmp_path, "team") for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), "\n".join(o[-3000:] for o in outputs)
+
+    study = optuna.load_study(study_name="team", storage=postgres.url("optuna"))
+    counted = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
+    assert len(counted) == BUDGET
+    mlflow.set_tracking_uri(tracking_server)
+    children = _children("team")
+    assert len(children) == BUDGET
+    assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(t.number for t in counted)
+    assert sum("PROMOTED" in o or "NOT promoted" in o or "already in Production" in o for o in outputs) == 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = mlflow.pyfunc.load_model(f"models:/{config.REGISTERED_MODEL_NAME}/Production")
+    frame = pd.DataFrame({"pixels": [img.tolist() for img in dataset.test_images[:20]]})
+    assert len(model.predict(frame)) == 20
+    scores = {r.info.run_id: r.data.metrics["best_val_accuracy"] for r in children if r.info.status == "FINISHED"}
+    assert scores[model.metadata.run_id] == max(scores.values())  # the best (ties on 1,000 val images happen)
+
+
+def test_postgres_down_mid_sweep_fails_clearly_and_resumes(postgres, tracking_server, tmp_path):
+    worker = _worker(postgres, tracking_server, tmp_path, "outage")
+    lines = []
+    for line in worker.stdout:
+        lines.append(line)
+        if "trial 0 COMPLETE" in line:
+            break
+    time.sleep(3)  # into trial 1
+    postgres.stop()
+    output = "".join(lines) + worker.communicate(timeout=300)[0]
+    postgres.start()
+    assert worker.returncode != 0
+    assert "lost the study storage or the tracking server" in output and "resume" in output
+    mlflow.set_tracking_uri(tracking_server)
+    finished_before = {r.info.run_id for r in _eventually(lambda: _children("outage")) if r.info.status == "FINISHED"}
+    assert len(finished_before) >= 1
+    time.sleep(35)  # past Optuna's heartbeat grace: the interrupted trial is failed as stale
+    resumed = _worker(postgres, tracking_server, tmp_path, "outage")
+    output = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, output[-3000:]
+    finished = {r.info.run_id for r in _children("outage") if r.info.status == "FINISHED"}
+    assert finished_before <= finished
+    study = optuna.load_study(study_name="outage", storage=postgres.url("optuna"))
+    assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == BUDGET
+    requests.get(f"{tracking_server}/health", timeout=5).raise_for_status()
