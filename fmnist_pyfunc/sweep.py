@@ -7,7 +7,6 @@ RUNNING by a killed process are failed through Optuna's heartbeat, and their MLf
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -185,7 +184,8 @@ def run_sweep(preset: str, n_trials: int, timeout_minutes: float, n_jobs: int, s
     n_trials = n_trials or chosen.n_trials
     timeout_minutes = timeout_minutes or chosen.timeout_minutes
     base = {**config.TRAIN_DEFAULTS, **chosen.fixed, "seed": seed}  # one seed: all trials share the val split
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_jobs))  # workers share the cores
+    # In-process workers share this process's threads (torch honours OMP_NUM_THREADS for several processes).
+    torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
     study = open_study(study_name, storage, seed)
     parent = mlflow.active_run()
     mlflow.set_tags({"optuna.study": study_name, "optuna.storage": storage.split("@")[-1], "sweep.preset": preset})
