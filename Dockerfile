@@ -10,7 +10,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 \
  && pip install --no-cache-dir mlflow==3.17.2 numpy==2.4.6 pandas==3.1.1 pillow==13.0.0 \
-        flask==3.1.3 requests==2.34.2 gunicorn==26.2.0
+        flask==3.1.3 requests==2.34.2 gunicorn==26.2.0 "psycopg[binary]==3.3.9"
 
 # --- final stage: the venv, our code and the exported model; no compilers, no caches, not root ---
 FROM python:3.11-slim

@@ -91,3 +91,11 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
         with pytest.raises(requests.ConnectionError):
             requests.get(f"http://127.0.0.1:{port}/", timeout=2)
     assert not os.path.exists(tmp_path / "export" / "model.partial")
+
+
+def test_compose_team_profile_runs_a_tracking_server_on_postgres():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    tracking = compose["tracking"]
+    assert tracking["profiles"] == ["team"] and "postgresql://" in " ".join(tracking["entrypoint"])
+    assert "--artifacts-destination" in tracking["entrypoint"]
+    assert tracking["depends_on"]["postgres"]["condition"] == "service_healthy"
