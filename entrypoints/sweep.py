@@ -64,15 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep_and_promote(args: argparse.Namespace, dataset: data.FashionMNIST) -> int:
     with mlflow.start_run(run_name=f"sweep-{args.study}"):
-        study, best_run_id = sweep.run_sweep(args.preset, args.n_trials, args.timeout_minutes, args.n_jobs,
+        study, best_run_id, promoter = sweep.run_sweep(args.preset, args.n_trials, args.timeout_minutes, args.n_jobs,
                                              args.seed, args.storage, args.study, dataset)
         if best_run_id is None:
             print("[sweep] no trial completed; nothing to promote", file=sys.stderr)
             return 1
         print(f"[sweep] best trial {study.best_trial.number}: val_accuracy {study.best_value:.4f}, run {best_run_id}")
-        running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        if running:  # several workers share the study: the last one to finish promotes, once
-            print(f"[sweep] {len(running)} trial(s) still running in other workers; the last worker promotes")
+        if not promoter:  # several workers share the study: the one that ran its last trial promotes
+            print("[sweep] another worker ran the study's last trial and promotes")
         elif args.promote:
             decision = registry.promote(best_run_id, dataset)
             registry.log_decision(decision)

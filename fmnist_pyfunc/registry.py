@@ -131,8 +131,8 @@ def _move_to_production(client: MlflowClient, version: str) -> None:
     version, which PostgreSQL rejects ("operator does not exist: integer <> character varying")."""
     with _stages_quietly():
         client.transition_model_version_stage(REGISTERED_MODEL_NAME, version, PRODUCTION)
-        for other in client.get_latest_versions(REGISTERED_MODEL_NAME, stages=[PRODUCTION, "Staging"]):
-            if str(other.version) != str(version):
+        for other in client.search_model_versions(f"name = '{REGISTERED_MODEL_NAME}'"):
+            if other.current_stage in (PRODUCTION, "Staging") and str(other.version) != str(version):
                 client.transition_model_version_stage(REGISTERED_MODEL_NAME, other.version, ARCHIVED)
 
 

@@ -25,6 +25,8 @@ DEFAULT_STUDY = "fmnist-sweep"
 HEARTBEAT_SECONDS = 10     # a live worker refreshes its running trial this often (a thread, not per epoch)...
 GRACE_SECONDS = 20         # ...so a trial silent for heartbeat + grace belongs to a dead worker: failed
 STORAGE_CREATE_ATTEMPTS = 3  # a fresh shared database: one worker creates the schema, the others retry
+WAIT_FOR_WORKERS_S = 3600   # the promoting worker waits at most this long for others' last trials
+WAIT_POLL_S = 5
 PRUNER_STARTUP_TRIALS = 2  # trials that always run to the end, to give the median a baseline
 PRUNER_WARMUP_EPOCHS = 3   # early epochs are noisy under a one-cycle schedule: never prune there
 
@@ -111,9 +113,12 @@ def _slot(trial: optuna.Trial) -> int:
     return trial.number - sum(t.number < trial.number for t in failed)
 
 
-def make_objective(preset: str, dataset: fdata.FashionMNIST, parent_run_id: str, base: dict, n_trials: int):
+def make_objective(preset: str, dataset: fdata.FashionMNIST, parent_run_id: str, base: dict, n_trials: int,
+                   worker: dict):
+    """`worker["ran_last_slot"]` becomes True in the one worker whose trial fills the budget's last slot."""
     def objective(trial: optuna.Trial) -> float:
-        if _slot(trial) >= n_trials:  # several workers: the budget is exact, not per worker
+        slot = _slot(trial)
+        if slot >= n_trials:  # several workers: the budget is exact, not per worker
             trial.study.stop()
             raise BudgetExhausted(f"the study's {n_trials} trials are taken")
         cfg = config.validate({**base, **suggest(trial, preset)})
@@ -135,7 +140,9 @@ def make_objective(preset: str, dataset: fdata.FashionMNIST, parent_run_id: str,
             if run_id:
                 MlflowClient().set_terminated(run_id, status="KILLED")
                 MlflowClient().set_tag(run_id, "optuna.state", "PRUNED")
+            worker["ran_last_slot"] |= slot == n_trials - 1
             raise
+        worker["ran_last_slot"] |= slot == n_trials - 1  # a failed trial frees its slot for the next one
         return MlflowClient().get_run(run_id).data.metrics[config.SELECTION_METRIC]
 
     return objective
@@ -178,8 +185,10 @@ def log_summary(study: optuna.Study, preset: str) -> str | None:
 
 
 def run_sweep(preset: str, n_trials: int, timeout_minutes: float, n_jobs: int, seed: int, storage: str,
-              study_name: str, dataset: fdata.FashionMNIST) -> tuple[optuna.Study, str | None]:
-    """Run (or continue) the study inside the active MLflow run; return the study and the best run id."""
+              study_name: str, dataset: fdata.FashionMNIST) -> tuple[optuna.Study, str | None, bool]:
+    """Run (or continue) the study inside the active MLflow run.
+
+    Returns the study, the best run id, and whether this worker is the one that promotes."""
     chosen = PRESETS[preset]
     n_trials = n_trials or chosen.n_trials
     timeout_minutes = timeout_minutes or chosen.timeout_minutes
@@ -188,17 +197,35 @@ def run_sweep(preset: str, n_trials: int, timeout_minutes: float, n_jobs: int, s
     torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
     study = open_study(study_name, storage, seed)
     parent = mlflow.active_run()
-    mlflow.set_tags({"optuna.study": study_name, "optuna.storage": storage.split("@")[-1], "sweep.preset": preset})
+    mlflow.set_tags({"optuna.study": study_name, "optuna.storage": storage.split("@")[-1], "sweep.preset": preset,
+                     "sweep.searches": chosen.description})
     if preset == "default" and not study.trials:
         study.enqueue_trial({k: base[k] for k in SEARCHED})  # the known-good defaults are trial 0
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     remaining = n_trials - len(study.get_trials(deepcopy=False, states=counted))
     print(f"[sweep] study {study_name!r}: {n_trials - remaining} of {n_trials} trials already done", flush=True)
+    worker = {"ran_last_slot": False}
     if remaining > 0:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # MaxTrialsCallback counts every worker's trials, so parallel workers stop at the shared budget.
-        study.optimize(make_objective(preset, dataset, parent.info.run_id, base, n_trials), n_trials=remaining,
+        study.optimize(make_objective(preset, dataset, parent.info.run_id, base, n_trials, worker),
+                       n_trials=remaining,
                        timeout=timeout_minutes * 60, n_jobs=n_jobs, catch=(Exception,),
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=counted),
                                   progress_printer(n_trials, time.time())])
-    return study, log_summary(study, preset)
+    # Exactly one worker fills the budget's last slot: it alone promotes, once the others are done. A worker
+    # that found the study complete, or stopped early (timeout) with no one else running, promotes too:
+    # promotion is idempotent.
+    budget_done = len(study.get_trials(deepcopy=False, states=counted)) >= n_trials
+    others_running = bool(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
+    promoter = worker["ran_last_slot"] or remaining <= 0 or not (budget_done or others_running)
+    if promoter:
+        _wait_for_other_workers(study)
+    return study, log_summary(study, preset), promoter
+
+
+def _wait_for_other_workers(study: optuna.Study) -> None:
+    deadline = time.time() + WAIT_FOR_WORKERS_S
+    while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) and time.time() < deadline:
+        print("[sweep] waiting for other workers' running trials before promoting", flush=True)
+        time.sleep(WAIT_POLL_S)

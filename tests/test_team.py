@@ -121,6 +121,7 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
     assert len(children) == BUDGET
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == sorted(t.number for t in counted)
     assert sum("PROMOTED" in o or "NOT promoted" in o or "already in Production" in o for o in outputs) == 1
+    assert sum("another worker ran the study's last trial" in o for o in outputs) == 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -129,6 +130,19 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
     assert len(model.predict(frame)) == 20
     scores = {r.info.run_id: r.data.metrics["best_val_accuracy"] for r in children if r.info.status == "FINISHED"}
     assert scores[model.metadata.run_id] == max(scores.values())  # the best (ties on 1,000 val images happen)
+
+    port = free_port()  # `mlflow models serve` resolves the registry URI through the tracking server too
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{config.REGISTERED_MODEL_NAME}/"
+                               "Production", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                              env=project_env(tracking_server), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
+        body = {"dataframe_records": [{"pixels": dataset.test_images[0].tolist()}]}
+        assert requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=30).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_postgres_down_mid_sweep_fails_clearly_and_resumes(postgres, tracking_server, tmp_path):
