@@ -25,6 +25,7 @@ DEFAULT_STUDY = "fmnist-sweep"
 HEARTBEAT_SECONDS = 10     # a live worker refreshes its running trial this often (a thread, not per epoch)...
 GRACE_SECONDS = 20         # ...so a trial silent for heartbeat + grace belongs to a dead worker: failed
 STORAGE_CREATE_ATTEMPTS = 3  # a fresh shared database: one worker creates the schema, the others retry
+MAX_FAILED_TRIALS = 3        # failed trials are replaced by new ones, this many per run: a systematic error stops
 WAIT_FOR_WORKERS_S = 3600   # the promoting worker waits at most this long for others' last trials
 WAIT_POLL_S = 5
 PRUNER_STARTUP_TRIALS = 2  # trials that always run to the end, to give the median a baseline
@@ -209,7 +210,7 @@ def run_sweep(preset: str, n_trials: int, timeout_minutes: float, n_jobs: int, s
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # MaxTrialsCallback counts every worker's trials, so parallel workers stop at the shared budget.
         study.optimize(make_objective(preset, dataset, parent.info.run_id, base, n_trials, worker),
-                       n_trials=remaining,
+                       n_trials=remaining + MAX_FAILED_TRIALS,
                        timeout=timeout_minutes * 60, n_jobs=n_jobs, catch=(Exception,),
                        callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=counted),
                                   progress_printer(n_trials, time.time())])

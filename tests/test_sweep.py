@@ -72,3 +72,24 @@ def test_interrupted_sweep_resumes_without_losing_trials(tracking_uri, tmp_path)
     finished = {r.info.run_id for r in after if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
     assert finished_before < finished and len(finished) == 3
     assert not [r for r in after if r.info.status == "RUNNING"]
+
+
+def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tracking_uri, tmp_path, dataset, monkeypatch):
+    """A trial that raises ends FAIL; the sweep still completes its budget with the other trials."""
+    from fmnist_pyfunc import sweep, tracking
+
+    real, calls = tracking.run_training, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated crash in the first trial")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "run_training", flaky)
+    mlflow.set_experiment("e2e-flaky")
+    with mlflow.start_run():
+        study, best_run_id, _ = sweep.run_sweep("quick", 2, 0, 1, 0, f"sqlite:///{tmp_path}/optuna.db", "flaky",
+                                                dataset)
+    states = sorted(t.state.name for t in study.trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"] and best_run_id is not None
