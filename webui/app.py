@@ -19,7 +19,7 @@ from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from fmnist_pyfunc import preprocessing, registry  # no torch: numpy, Pillow, mlflow's client
-from fmnist_pyfunc.config import REGISTERED_MODEL_NAME
+from fmnist_pyfunc.config import CLASS_NAMES, REGISTERED_MODEL_NAME
 from webui import samples
 
 DEFAULT_SCORING_URL = "http://127.0.0.1:5001"
@@ -130,7 +130,7 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
                     "probability": max(p["probabilities"]), "probabilities": p["probabilities"]}
                    for (name, _), p in zip(uploads, predictions, strict=True)]
-        return jsonify(results=results, class_names=samples.CLASS_NAMES)
+        return jsonify(results=results, class_names=CLASS_NAMES)
 
     @app.get("/samples/<int:index>.png")
     def sample_image(index: int):

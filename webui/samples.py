@@ -13,8 +13,6 @@ from fmnist_pyfunc.config import CLASS_NAMES
 SAMPLES_PER_CLASS = 2
 DISPLAY_SIZE = 84  # gallery thumbnails: 3x upscaled so that they are visible; the model re-scales anyway
 
-__all__ = ["CLASS_NAMES", "load_gallery"]
-
 
 def _png(pixels) -> bytes:
     buffer = io.BytesIO()
