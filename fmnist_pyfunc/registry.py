@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import yaml
 from mlflow.entities import ViewType
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from fmnist_pyfunc import data as fdata
@@ -27,6 +28,7 @@ from fmnist_pyfunc.config import MODEL_URI_TAG, REGISTERED_MODEL_NAME, SELECTION
 
 PRODUCTION = "Production"
 ARCHIVED = "Archived"
+STAGING = "Staging"
 CHAMPION_ALIAS = "champion"
 EXPORT_MODEL_DIR = "model"            # inside the export folder: what `mlflow models serve -m` gets
 EXPORT_INFO_FILE = "model_info.json"  # the UI's /model_info when no registry is reachable
@@ -132,7 +134,7 @@ def _move_to_production(client: MlflowClient, version: str) -> None:
     with _stages_quietly():
         client.transition_model_version_stage(REGISTERED_MODEL_NAME, version, PRODUCTION)
         for other in client.search_model_versions(f"name = '{REGISTERED_MODEL_NAME}'"):
-            if other.current_stage in (PRODUCTION, "Staging") and str(other.version) != str(version):
+            if other.current_stage in (PRODUCTION, STAGING) and str(other.version) != str(version):
                 client.transition_model_version_stage(REGISTERED_MODEL_NAME, other.version, ARCHIVED)
 
 
@@ -161,16 +163,19 @@ def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> De
     return decision
 
 
-def version_info(version: str) -> dict:
+def version_info(model_version: ModelVersion) -> dict:
     """What the UI shows about a registered version: name, version, stage, alias, run, metrics."""
-    client = MlflowClient()
-    with _stages_quietly():
-        model_version = client.get_model_version(REGISTERED_MODEL_NAME, version)
-    metrics = client.get_run(model_version.run_id).data.metrics if model_version.run_id else {}
+    metrics = MlflowClient().get_run(model_version.run_id).data.metrics if model_version.run_id else {}
     return {"name": REGISTERED_MODEL_NAME, "version": model_version.version, "stage": model_version.current_stage,
             "alias": CHAMPION_ALIAS if CHAMPION_ALIAS in model_version.aliases else None,
             "run_id": model_version.run_id, "description": model_version.description,
             "metrics": {k: metrics[k] for k in ("test_accuracy", SELECTION_METRIC) if k in metrics}}
+
+
+def champion_info() -> dict:
+    """`version_info` of the version that carries the champion alias (one registry lookup)."""
+    with _stages_quietly():
+        return version_info(MlflowClient().get_model_version_by_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS))
 
 
 def _drop_absolute_paths(mlmodel: Path) -> None:
@@ -198,7 +203,9 @@ def export_production(destination: Path) -> dict:
     _drop_absolute_paths(staging / "MLmodel")
     shutil.rmtree(model_dir, ignore_errors=True)  # the old export goes only once the new one is complete
     staging.rename(model_dir)
-    info = {**version_info(version), "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    with _stages_quietly():
+        model_version = MlflowClient().get_model_version(REGISTERED_MODEL_NAME, version)
+    info = {**version_info(model_version), "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}
     (destination / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))
     return info
 

@@ -19,7 +19,7 @@ from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from fmnist_pyfunc import preprocessing, registry  # no torch: numpy, Pillow, mlflow's client
-from fmnist_pyfunc.config import CLASS_NAMES, REGISTERED_MODEL_NAME
+from fmnist_pyfunc.config import CLASS_NAMES
 from webui import samples
 
 DEFAULT_SCORING_URL = "http://127.0.0.1:5001"
@@ -82,9 +82,7 @@ def _model_info(tracking_uri: str | None, model_info_file: str | None) -> dict |
     """From the registry when a tracking URI is set; else (a container) from the exported metadata file."""
     if tracking_uri:
         try:
-            mlflow.set_tracking_uri(tracking_uri)
-            champion = mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL_NAME, registry.CHAMPION_ALIAS)
-            return registry.version_info(champion.version)
+            return registry.champion_info()
         except Exception:  # registry down or no champion yet: the file below, if any, is the next best
             pass
     if model_info_file and Path(model_info_file).is_file():
@@ -99,6 +97,8 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
     scoring_url = (scoring_url or os.environ.get("FMNIST_SCORING_URL", DEFAULT_SCORING_URL)).rstrip("/")
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     model_info_file = model_info_file or os.environ.get("FMNIST_MODEL_INFO")
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)  # the registry behind /model_info
     gallery = samples.load_gallery()
     upstream = requests.Session()  # keep-alive to the scoring server: no TCP handshake per prediction
     info_cache: dict = {"at": 0.0, "value": None}
