@@ -109,6 +109,9 @@ def _children(study: str) -> list:
 
 def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server, tmp_path, dataset):
     """Every trial runs once, the count equals the budget, one promotion, Production served via the server."""
+    # As the README says: create the experiment once before starting workers. `mlflow run` creates a missing
+    # experiment itself, and two workers starting at the same moment race on that (RESOURCE_ALREADY_EXISTS).
+    mlflow.MlflowClient(tracking_server).create_experiment("team")
     workers = [_worker(postgres, tracking_server, tmp_path, "team") for _ in range(2)]
     outputs = [w.communicate(timeout=900)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), "\n".join(o[-3000:] for o in outputs)
