@@ -57,9 +57,10 @@ promote: install
 # Train the default model (~3 min on 2 CPU cores, ~93.4 % test accuracy), promote it, serve it with the UI.
 run: train promote serve-all
 
-# The scoring server (/invocations, /ping, /version) for the Production model; it loads without pickle.
+# The scoring server (/invocations, /ping, /version) for the Production model: MLflow's scoring app with a
+# request body limit (entrypoints/serve.py); it loads without pickle.
 serve: install
-	MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false mlflow models serve -m $(MODEL_URI) --env-manager local -h $(HOST) -p $(SCORING_PORT)
+	python -m entrypoints.serve --model-uri $(MODEL_URI) --host $(HOST) --port $(SCORING_PORT)
 
 # The upload UI; it proxies predictions to $(FMNIST_SCORING_URL).
 ui: install

@@ -1,6 +1,7 @@
 """Serving latency and throughput over HTTP on loopback vs. the model's in-process predict.
 
-Starts `mlflow models serve` (one worker) for MODEL_URI and the UI (gunicorn) in front of it, then times
+Starts the scoring server (one worker, as `make serve`) for MODEL_URI and the UI (gunicorn) in front of it,
+then times
 on real test images:
   * single-image requests (p50/p99) for raw pixels and base64 PNG, direct and through the UI;
   * batches of 1, 32, 256 (images/s), raw and PNG;
@@ -16,42 +17,18 @@ import argparse
 import base64
 import io
 import os
-import socket
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
-import requests
 from PIL import Image
 
-from fmnist_pyfunc import data
+from fmnist_pyfunc import data, servers
 
-BIN = Path(sys.executable).parent
 BATCH_SIZES = (1, 32, 256)
-STARTUP_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(command: list[str], url: str, env: dict) -> subprocess.Popen:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    while time.time() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code in (200, 503):
-                return process
-        except requests.RequestException:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"{command[0]} did not start")
 
 
 def png_b64(pixels: np.ndarray) -> str:
@@ -83,20 +60,20 @@ def main() -> None:
                         help="single-image requests per case (default: %(default)s)")
     parser.add_argument("--batch-repeats", type=int, default=10, help="requests per batch size (default: %(default)s)")
     args = parser.parse_args()
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     ds = data.load(download=False)
     images = ds.test_images[:256]
     raw = [{"pixels": img.tolist()} for img in images]
     png = [{"image": png_b64(img)} for img in images]
 
-    port, ui_port = free_port(), free_port()
-    server = start([str(BIN / "mlflow"), "models", "serve", "-m", args.model_uri, "--env-manager", "local",
-                    "-h", "127.0.0.1", "-p", str(port), "-w", "1"], f"http://127.0.0.1:{port}/ping", env)
-    ui = start([str(BIN / "gunicorn"), "-w", "1", "--threads", "4", "-b", f"127.0.0.1:{ui_port}",
-                "webui.app:create_app()"], f"http://127.0.0.1:{ui_port}/health",
-               dict(env, FMNIST_SCORING_URL=f"http://127.0.0.1:{port}"))
+    port, ui_port = servers.free_port(), servers.free_port()
+    logs = Path(tempfile.mkdtemp(prefix="fmnist-serve-speed-"))
+    server = servers.start(servers.scoring_command(args.model_uri, servers.LOOPBACK, port), servers.child_env(),
+                           f"http://127.0.0.1:{port}/ping", logs / "serve.log")
+    ui = servers.start(servers.ui_command(servers.LOOPBACK, ui_port, workers=1),
+                       servers.child_env(FMNIST_SCORING_URL=f"http://127.0.0.1:{port}"),
+                       f"http://127.0.0.1:{ui_port}/health", logs / "ui.log")
     try:
-        session = requests.Session()
+        session = servers.ui_session(f"http://127.0.0.1:{ui_port}")  # as a browser: with the CSRF token
         url = f"http://127.0.0.1:{port}/invocations"
         model = mlflow.pyfunc.load_model(args.model_uri)
 
@@ -124,9 +101,8 @@ def main() -> None:
                 print(f"batch {batch:3d} {name:10s}  HTTP {batch / np.median(http):8.0f} img/s | in-process "
                       f"{batch / np.median(local):8.0f} img/s | overhead x{np.median(http) / np.median(local):.1f}")
     finally:
-        for process in (ui, server):
-            process.terminate()
-            process.wait(timeout=20)
+        servers.stop(ui)
+        servers.stop(server)
 
 
 if __name__ == "__main__":

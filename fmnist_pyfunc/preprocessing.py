@@ -27,6 +27,9 @@ UINT16_MAX = 65535.0
 MAX_BATCH_ROWS = 1024            # rows per request: ~1 s of CPU work, bounds memory per request
 MAX_IMAGE_BYTES = 10 * 2**20     # 10 MiB of encoded image per row: larger than any product photo
 MAX_IMAGE_PIXELS = 40_000_000    # width x height before decoding: stops decompression bombs
+# Request body of /invocations: two images at the per-image limit (base64: 4/3 larger), or a full batch
+# of pixel rows written as floats (~10 KiB each), fit; anything larger is refused before it is read.
+MAX_BODY_BYTES = 32 * 2**20
 ALLOWED_FORMATS = ("PNG", "JPEG")
 # A pixel belongs to the garment when it is this far (0-255) above the background after negation:
 # above JPEG noise (~5), low enough to keep the faint edges that set the garment's extent.
@@ -143,7 +146,8 @@ def frame_to_batch(frame) -> np.ndarray:
     if unknown:
         raise InputError(f"unknown input column(s) {sorted(unknown)}; send 'pixels' or 'image'")
     if len(frame) == 0:
-        raise InputError("empty batch: send at least one row")
+        # MLflow's schema enforcement drops fields the signature lacks: rows of only those arrive as no rows.
+        raise InputError("empty batch: send at least one row with 'pixels' or 'image' (other fields are ignored)")
     if len(frame) > MAX_BATCH_ROWS:
         raise InputError(f"batch of {len(frame)} rows exceeds the maximum of {MAX_BATCH_ROWS}")
     pixels = frame["pixels"].tolist() if "pixels" in columns else [None] * len(frame)

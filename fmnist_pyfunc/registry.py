@@ -8,7 +8,10 @@ the one set that no run trained or selected on (validation splits differ per see
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +36,12 @@ CHAMPION_ALIAS = "champion"
 EXPORT_MODEL_DIR = "model"            # inside the export folder: what `mlflow models serve -m` gets
 EXPORT_INFO_FILE = "model_info.json"  # the UI's /model_info when no registry is reachable
 GATE_BATCH_ROWS = 1000  # rows per pyfunc call: the serving limit is 1024 rows per request
+# One promotion at a time. The lock is a registered model of its own: creating one is atomic in every
+# MLflow store (unique name), local SQLite and a shared tracking server alike.
+LOCK_MODEL_NAME = f"{REGISTERED_MODEL_NAME}.promotion-lock"
+LOCK_WAIT_S = 600    # a promotion evaluates two models on 10k images (~20 s on 2 cores): room for a queue
+LOCK_STALE_S = 900   # a lock this old was left by a killed promoter: taken over
+LOCK_POLL_S = 1.0
 
 
 class PromotionError(RuntimeError):
@@ -138,11 +147,60 @@ def _move_to_production(client: MlflowClient, version: str) -> None:
                 client.transition_model_version_stage(REGISTERED_MODEL_NAME, other.version, ARCHIVED)
 
 
+def _lock_is_stale(client: MlflowClient) -> bool:
+    try:
+        since = float(client.get_registered_model(LOCK_MODEL_NAME).tags.get("since", "0"))
+    except mlflow.exceptions.MlflowException:
+        return False  # released meanwhile
+    return time.time() - since > LOCK_STALE_S
+
+
+@contextmanager
+def promotion_lock():
+    """Hold the registry's promotion lock: concurrent promoters wait their turn, so each one's gate sees the
+    Production version the previous one left, and stages and alias are never written by two at once."""
+    client = MlflowClient()
+    deadline = time.monotonic() + LOCK_WAIT_S
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    while True:
+        try:
+            client.create_registered_model(LOCK_MODEL_NAME, tags={"since": str(time.time()), "holder": holder},
+                                           description=f"Held while a promotion of {REGISTERED_MODEL_NAME} runs.")
+            break
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        if _lock_is_stale(client):
+            client.delete_registered_model(LOCK_MODEL_NAME)
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionError(f"another promotion has held {LOCK_MODEL_NAME!r} for over {LOCK_WAIT_S} s; "
+                                 f"if none is running, delete that registered model")
+        time.sleep(LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(LOCK_MODEL_NAME)
+
+
 def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> Decision:
     """Register `run_id`'s model and make it Production + champion if it beats the current Production."""
+    with promotion_lock():
+        return _promote(run_id, dataset, force)
+
+
+def _crown(client: MlflowClient, version: str) -> None:
+    """Production stage, others archived, champion alias: idempotent, so re-running it repairs a promotion
+    that was killed half-way."""
+    _move_to_production(client, version)
+    client.set_registered_model_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS, version)
+
+
+def _promote(run_id: str, dataset: fdata.FashionMNIST, force: bool) -> Decision:
     version = register(run_id)
     champion = current_production()
     if champion == version:
+        _crown(MlflowClient(), version)
         return Decision(version, promoted=False, reason=f"version {version} is already in {PRODUCTION}")
     uri = f"models:/{REGISTERED_MODEL_NAME}/{version}"
     decision = Decision(version, promoted=True, reason="no model in Production yet",
@@ -158,8 +216,7 @@ def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> De
     client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "promotion_decision",
                                  ("promoted: " if decision.promoted else "rejected: ") + decision.reason)
     if decision.promoted:
-        _move_to_production(client, version)
-        client.set_registered_model_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS, version)
+        _crown(client, version)
     return decision
 
 

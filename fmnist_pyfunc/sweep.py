@@ -229,4 +229,6 @@ def _wait_for_other_workers(study: optuna.Study) -> None:
     deadline = time.time() + WAIT_FOR_WORKERS_S
     while study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)) and time.time() < deadline:
         print("[sweep] waiting for other workers' running trials before promoting", flush=True)
+        # A running trial may belong to a killed worker: failed (and its run KILLED) once its heartbeat is stale.
+        optuna.storages.fail_stale_trials(study)
         time.sleep(WAIT_POLL_S)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
-import requests
 from PIL import Image
 
+from fmnist_pyfunc import servers
+from fmnist_pyfunc.servers import free_port, start, stop
+
 REPO = Path(__file__).resolve().parents[1]
+MODEL_URI = "models:/fashion-mnist-cnn/Production"
 # The smallest training run that still exercises every code path: ~20 s on 2 CPU cores.
 TINY_TRAIN = {"epochs": "2", "max_train_samples": "6000", "width": "16", "val_size": "1000"}
 
@@ -74,50 +75,32 @@ def trained_run(tracking_uri, tmp_path_factory):
     return runs[0]
 
 
-def png_base64(pixels: np.ndarray, fmt: str = "PNG", **save_args) -> str:
+def encode(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
+    """A Pillow image as base64 PNG/JPEG/..., as the JSON contract carries it."""
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt, **save_args)
+    image.save(buffer, format=fmt, **save_args)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def png_base64(pixels: np.ndarray, fmt: str = "PNG", **save_args) -> str:
+    return encode(Image.fromarray(pixels), fmt, **save_args)
+
+
+def upscaled(pixels: np.ndarray, size: int = 300) -> Image.Image:
+    """A dataset image the size of a photo."""
+    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def exif_rotated_jpeg(pixels: np.ndarray) -> str:
+    """Stored turned 90 degrees anticlockwise, with the EXIF orientation (6) that says "turn clockwise to view"."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(upscaled(pixels).rotate(90, expand=True), "JPEG", quality=95, exif=exif.tobytes())
 
 
 # --- servers: the real scoring server and the UI, started once per test session ---
 
-BIN = Path(sys.executable).parent
-STARTUP_TIMEOUT_S = 180
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + STARTUP_TIMEOUT_S
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"{url} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
-
-
-def start(command: list[str], env: dict, health_url: str, log: Path) -> subprocess.Popen:
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=log.parent)
-    wait_until_up(health_url, process, log)
-    return process
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
+BIN = servers.BIN
 
 
 @pytest.fixture(scope="session")
@@ -131,27 +114,35 @@ def production(trained_run, dataset):
 
 
 @pytest.fixture(scope="session")
-def scoring_url(production, tracking_uri, tmp_path_factory):
+def scoring_server(production, tracking_uri, tmp_path_factory):
+    """The scoring server process (`python -m entrypoints.serve`, as `make serve`) and its URL."""
     port = free_port()
     env = project_env(tracking_uri)
     env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the model must load without unpickling
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    process = start([str(BIN / "mlflow"), "models", "serve", "-m", "models:/fashion-mnist-cnn/Production",
-                     "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env,
+    process = start(servers.scoring_command(MODEL_URI, servers.LOOPBACK, port), env,
                     f"http://127.0.0.1:{port}/ping", log)
-    yield f"http://127.0.0.1:{port}"
+    yield process, f"http://127.0.0.1:{port}"
     stop(process)
 
 
 @pytest.fixture(scope="session")
-def ui_url(scoring_url, tracking_uri, tmp_path_factory):
+def scoring_url(scoring_server) -> str:
+    return scoring_server[1]
+
+
+@pytest.fixture(scope="session")
+def ui_server(scoring_url, tracking_uri, tmp_path_factory):
+    """The UI process (gunicorn, as `make ui`) in front of the session's scoring server, and its URL."""
     port = free_port()
     env = project_env(tracking_uri)
     env["FMNIST_SCORING_URL"] = scoring_url
     log = tmp_path_factory.mktemp("ui") / "ui.log"
-    process = start([str(BIN / "gunicorn"), "--workers", "1", "--threads", "4", "--bind", f"127.0.0.1:{port}",
-                     "webui.app:create_app()"], env, f"http://127.0.0.1:{port}/health", log)
-    yield f"http://127.0.0.1:{port}"
+    process = start(servers.ui_command(servers.LOOPBACK, port, workers=1), env, f"http://127.0.0.1:{port}/health", log)
+    yield process, f"http://127.0.0.1:{port}"
     stop(process)
 
 
+@pytest.fixture(scope="session")
+def ui_url(ui_server) -> str:
+    return ui_server[1]

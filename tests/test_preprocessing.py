@@ -1,12 +1,11 @@
 """Preprocessing: every input kind becomes a dataset-like 28x28 image; bad input gets a clear InputError."""
 
 import base64
-import io
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import png_base64
+from conftest import encode, exif_rotated_jpeg, png_base64, upscaled
 from PIL import Image
 
 from fmnist_pyfunc import preprocessing as pre
@@ -23,16 +22,6 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 def _batch(**columns) -> np.ndarray:
     return pre.frame_to_batch(pd.DataFrame(columns))
-
-
-def _upscaled(pixels: np.ndarray, size: int = 300) -> Image.Image:
-    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
-
-
-def _encode(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def test_raw_pixels_pass_through_unchanged(dataset):
@@ -59,21 +48,21 @@ def test_photos_as_people_upload_them_look_like_the_dataset(dataset, variant):
         encoded = png_base64(255 - original)
     elif variant == "rgb_on_white":
         rgb = np.stack([255 - original, 255 - original // 2, 255 - original // 3], axis=-1)
-        encoded = _encode(_upscaled(rgb.astype(np.uint8)))
+        encoded = encode(upscaled(rgb.astype(np.uint8)))
     elif variant == "jpeg_large":
-        encoded = _encode(_upscaled(255 - original, 600), "JPEG", quality=85)
+        encoded = encode(upscaled(255 - original, 600), "JPEG", quality=85)
     elif variant == "rgba_cutout":
         dark = 255 - original  # the product's real tones: dataset pixels are negated photo pixels
         rgba = np.dstack([dark, dark, dark, np.where(original > 0, 255, 0)]).astype(np.uint8)
-        encoded = _encode(_upscaled(rgba))
+        encoded = encode(upscaled(rgba))
     elif variant == "off_centre_small":
         canvas = np.full((200, 300), 255, np.uint8)
         canvas[20:76, 200:256] = 255 - np.asarray(Image.fromarray(original).resize((56, 56)))
-        encoded = _encode(Image.fromarray(canvas))
+        encoded = encode(Image.fromarray(canvas))
     elif variant == "palette":
-        encoded = _encode(_upscaled(original).convert("P"))
+        encoded = encode(upscaled(original).convert("P"))
     else:
-        encoded = _encode(Image.fromarray(original.astype(np.uint16) * 257))
+        encoded = encode(Image.fromarray(original.astype(np.uint16) * 257))
     assert _correlation(_batch(image=[encoded])[0], original) > 0.8, variant
 
 
@@ -86,21 +75,18 @@ def test_mixed_batch_of_pixels_and_images(dataset):
 
 def test_extreme_aspect_ratios_and_tiny_images_are_accepted():
     for size in [(1, 1), (10000, 10), (10, 10000)]:
-        encoded = _encode(Image.new("L", size, 200))
+        encoded = encode(Image.new("L", size, 200))
         assert _batch(image=[encoded]).shape == (1, 28, 28)
 
 
 def test_exif_rotation_is_applied(dataset):
     original = dataset.test_images[3]
-    rotated = _upscaled(original).rotate(90, expand=True)  # stored turned 90 degrees anticlockwise...
-    exif = Image.Exif()
-    exif[0x0112] = 6  # ...with the EXIF orientation that says "turn 90 degrees clockwise to view"
-    encoded = _encode(rotated, "JPEG", quality=95, exif=exif.tobytes())
+    encoded = exif_rotated_jpeg(original)
     assert _correlation(_batch(image=[encoded])[0], original) > 0.9
 
 
 def _gif_base64() -> str:
-    return _encode(Image.new("L", (28, 28)), "GIF")
+    return encode(Image.new("L", (28, 28)), "GIF")
 
 
 @pytest.mark.parametrize("columns, message", [
@@ -127,14 +113,14 @@ def test_bad_input_raises_a_clear_error(columns, message):
 
 
 def test_truncated_jpeg_is_refused(dataset):
-    raw = base64.b64decode(_encode(_upscaled(dataset.test_images[0]), "JPEG"))
+    raw = base64.b64decode(encode(upscaled(dataset.test_images[0]), "JPEG"))
     truncated = base64.b64encode(raw[: len(raw) // 2]).decode()
     with pytest.raises(pre.InputError, match="row 0: the image is truncated or corrupt"):
         _batch(image=[truncated])
 
 
 def test_decompression_bomb_is_refused_before_decoding():
-    encoded = _encode(Image.new("1", (20000, 20000)))  # ~1 MB PNG declaring 400 M pixels
+    encoded = encode(Image.new("1", (20000, 20000)))  # ~1 MB PNG declaring 400 M pixels
     with pytest.raises(pre.InputError, match="exceeds"):
         _batch(image=[encoded])
 

@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import free_port, png_base64
+from conftest import png_base64
 from PIL import Image
 
-from fmnist_pyfunc import config
+from fmnist_pyfunc import config, servers
+from fmnist_pyfunc.servers import free_port
 
 pytestmark = pytest.mark.e2e
 N_IMAGES = 300  # real test images checked through each path
@@ -58,8 +59,9 @@ def test_bad_request_is_400_with_a_clear_message(scoring_url, dataset):
 
 
 def _upload(ui_url: str, files: list[tuple[str, bytes]]) -> requests.Response:
-    return requests.post(f"{ui_url}/predict", files=[("files", (name, data, "image/png")) for name, data in files],
-                         timeout=60)
+    """A form upload as the page makes it: with the page's CSRF cookie and token."""
+    return servers.ui_session(ui_url).post(f"{ui_url}/predict", timeout=60,
+                                        files=[("files", (name, data, "image/png")) for name, data in files])
 
 
 def test_ui_predicts_real_images_through_the_scoring_server(ui_url, dataset, trained_run):
@@ -97,8 +99,7 @@ def test_ui_without_scoring_server_answers_503(tracking_uri, tmp_path, dataset):
     from webui.app import create_app
 
     client = create_app(scoring_url=f"http://127.0.0.1:{free_port()}").test_client()
-    png = base64.b64decode(png_base64(dataset.test_images[0]))
-    response = client.post("/predict", data={"files": (io.BytesIO(png), "a.png")}, content_type="multipart/form-data")
+    response = client.post("/predict", json={"images": [png_base64(dataset.test_images[0])]})
     assert response.status_code == 503 and "not reachable" in response.get_json()["error"]
     assert client.get("/health").status_code == 503
 
@@ -111,9 +112,7 @@ def test_ui_with_a_scoring_server_slower_than_its_timeout_answers_504(dataset):
         silent.listen()
         client = create_app(scoring_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
                             upstream_timeout_s=0.5).test_client()
-        png = base64.b64decode(png_base64(dataset.test_images[0]))
-        response = client.post("/predict", data={"files": (io.BytesIO(png), "a.png")},
-                               content_type="multipart/form-data")
+        response = client.post("/predict", json={"images": [png_base64(dataset.test_images[0])]})
     assert response.status_code == 504 and "did not answer in time" in response.get_json()["error"]
 
 

@@ -1,6 +1,5 @@
 """Shipping: export, the image's entrypoint outside Docker, Dockerfile/workflow lint, the build context."""
 
-import base64
 import fnmatch
 import json
 import os
@@ -12,9 +11,10 @@ import sys
 import pytest
 import requests
 import yaml
-from conftest import BIN, REPO, free_port, png_base64, project_env, wait_until_up
+from conftest import BIN, REPO, png_base64, project_env
 
 from fmnist_pyfunc import registry
+from fmnist_pyfunc.servers import free_port, wait_until_up
 
 NEVER_IN_IMAGE = (".venv", "mlruns", "mlflow.db", "optuna.db", "tests", ".git", "data")
 
@@ -53,7 +53,8 @@ def test_build_context_is_exactly_what_the_dockerfile_copies():
 
 def test_compose_runs_both_services_from_the_export():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
-    assert "export/model" in compose["scoring"]["entrypoint"]
+    scoring = compose["scoring"]["entrypoint"]
+    assert "entrypoints.serve" in scoring and "export/model" in scoring
     assert compose["ui"]["environment"]["FMNIST_SCORING_URL"].endswith(":8000")
     assert compose["ui"]["depends_on"]["scoring"]["condition"] == "service_healthy"
 
@@ -81,8 +82,8 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
         wait_until_up(f"http://127.0.0.1:{ui_port}/health", process, log)
         body = {"dataframe_records": [{"pixels": dataset.test_images[0].tolist()}]}
         assert requests.post(f"http://127.0.0.1:{scoring_port}/invocations", json=body, timeout=30).status_code == 200
-        files = [("files", ("a.png", base64.b64decode(png_base64(dataset.test_images[0])), "image/png"))]
-        assert requests.post(f"http://127.0.0.1:{ui_port}/predict", files=files, timeout=30).status_code == 200
+        api_body = {"images": [png_base64(dataset.test_images[0])]}
+        assert requests.post(f"http://127.0.0.1:{ui_port}/predict", json=api_body, timeout=30).status_code == 200
         assert requests.get(f"http://127.0.0.1:{ui_port}/model_info", timeout=10).json()["version"] == production
     finally:
         process.send_signal(signal.SIGTERM)

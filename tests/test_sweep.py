@@ -7,11 +7,12 @@ import time
 import warnings
 
 import mlflow
+import optuna
 import pandas as pd
 import pytest
 from conftest import mlflow_run, project_env
 
-from fmnist_pyfunc import config
+from fmnist_pyfunc import config, sweep
 
 pytestmark = pytest.mark.e2e
 
@@ -42,13 +43,33 @@ def test_sweep_links_children_and_promotes_the_best(tracking_uri, tmp_path, data
 
 def _sweep_command(storage: str, n_trials: int) -> list[str]:
     return [sys.executable, "-m", "entrypoints.sweep", "--preset", "quick", "--n-trials", str(n_trials),
-            "--storage", storage, "--study", "resume", "--experiment", "e2e-resume", "--promote", "false"]
+            "--storage", storage, "--study", "resume", "--experiment", "e2e-resume"]
 
 
-def test_interrupted_sweep_resumes_without_losing_trials(tracking_uri, tmp_path):
-    """Ctrl-C during trial 1; restarting the same study keeps trial 0 and completes the budget."""
+def _registry_state() -> dict:
+    client = mlflow.MlflowClient()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return {v.version: v.current_stage for v in client.search_model_versions(
+            f"name = '{config.REGISTERED_MODEL_NAME}'")}
+
+
+@pytest.fixture
+def private_store(tmp_path, tracking_uri):
+    """A registry of the test's own: "untouched" must mean nothing registered at all."""
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    yield store
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
+def test_interrupted_sweep_resumes_without_losing_trials(private_store, tmp_path, stop):
+    """Stopped during trial 1 (Ctrl-C or kill -9): trial 0's run is kept, trial 1 ends failed and its run is not
+    left RUNNING, the registry is untouched; the same command completes the budget and then promotes."""
+    store = private_store
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    process = subprocess.Popen(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(tracking_uri),
+    process = subprocess.Popen(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(store),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     for line in process.stdout:
@@ -56,15 +77,18 @@ def test_interrupted_sweep_resumes_without_losing_trials(tracking_uri, tmp_path)
             break
         assert time.time() < deadline, "first trial never completed"
     time.sleep(2)  # into trial 1
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     process.communicate(timeout=120)
 
     first = mlflow.search_runs(experiment_names=["e2e-resume"], output_format="list")
     finished_before = {r.info.run_id for r in first
                        if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
     assert len(finished_before) == 1
+    assert _registry_state() == {}
+    if stop == signal.SIGKILL:  # nothing ran to close trial 1: its heartbeat goes stale after the grace period
+        time.sleep(sweep.HEARTBEAT_SECONDS + sweep.GRACE_SECONDS + 1)
 
-    result = subprocess.run(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(tracking_uri),
+    result = subprocess.run(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(store),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "1 of 3 trials already done" in result.stdout
@@ -72,11 +96,14 @@ def test_interrupted_sweep_resumes_without_losing_trials(tracking_uri, tmp_path)
     finished = {r.info.run_id for r in after if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
     assert finished_before < finished and len(finished) == 3
     assert not [r for r in after if r.info.status == "RUNNING"]
+    trials = optuna.load_study(study_name="resume", storage=storage).trials
+    assert trials[1].state == optuna.trial.TrialState.FAIL
+    assert list(_registry_state().values()) == ["Production"]
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tracking_uri, tmp_path, dataset, monkeypatch):
     """A trial that raises ends FAIL; the sweep still completes its budget with the other trials."""
-    from fmnist_pyfunc import sweep, tracking
+    from fmnist_pyfunc import tracking
 
     real, calls = tracking.run_training, []
 

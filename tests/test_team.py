@@ -14,9 +14,10 @@ import optuna
 import pandas as pd
 import pytest
 import requests
-from conftest import BIN, REPO, free_port, project_env, wait_until_up
+from conftest import BIN, REPO, project_env
 
 from fmnist_pyfunc import config
+from fmnist_pyfunc.servers import free_port, wait_until_up
 
 pytestmark = pytest.mark.e2e
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))

@@ -3,13 +3,23 @@
     gunicorn -b 127.0.0.1:8000 'webui.app:create_app()'      (what `make ui` runs)
 Configuration (environment): FMNIST_SCORING_URL (default http://127.0.0.1:5001), MLFLOW_TRACKING_URI
 (for /model_info), FMNIST_MODEL_INFO (a JSON file used when no registry is reachable).
+
+POST /predict takes either
+  * the page's form upload (multipart/form-data, field `files`), which must carry the page's CSRF token
+    (header X-CSRF-Token or field csrf_token) matching its cookie: a double-submit token. Another site can
+    make a browser post a form here, but can neither read the token nor send the SameSite=Strict cookie;
+  * the JSON API, `{"images": ["<base64 PNG/JPEG>", ...]}` with Content-Type application/json, which needs
+    no cookie: browsers send JSON across sites only after a CORS preflight, and this app allows none.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hmac
 import json
 import os
+import secrets
 import time
 from pathlib import Path
 
@@ -25,7 +35,12 @@ from webui import samples
 DEFAULT_SCORING_URL = "http://127.0.0.1:5001"
 MAX_FILES = 16                        # images per request: one scoring call, well under its 1,024-row limit
 MAX_FILE_BYTES = 5 * 2**20            # 5 MiB per image: phone photos fit, anything larger is not a photo
-MAX_REQUEST_BYTES = MAX_FILES * MAX_FILE_BYTES + 2**20  # all files plus multipart overhead
+# All files of one request. As base64 (x4/3) they must fit the scoring server's body limit
+# (preprocessing.MAX_BODY_BYTES, 32 MiB): 20 MiB -> 26.7 MiB.
+MAX_REQUEST_BYTES = 20 * 2**20
+CSRF_COOKIE = "fmnist_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
 UPSTREAM_TIMEOUT_S = 10.0             # a healthy server answers a 16-image batch in well under a second
 HEALTH_TIMEOUT_S = 2.0
 MODEL_INFO_TTL_S = 30.0               # registry lookups are cached: the page polls /model_info
@@ -47,7 +62,38 @@ def _check_image(name: str, payload: bytes) -> None:
         raise UploadError(str(exc)) from None
 
 
+def _check_csrf() -> None:
+    """Form posts must repeat the token of their cookie (double submit); JSON API calls need none."""
+    if request.mimetype == "application/json":
+        return
+    cookie = request.cookies.get(CSRF_COOKIE, "")
+    sent = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
+    if not cookie or not hmac.compare_digest(cookie.encode(), sent.encode()):
+        raise UploadError("missing or stale CSRF token: reload the page and try again", 403)
+
+
+def _read_json_images() -> list[tuple[str, bytes]]:
+    body = request.get_json(silent=True)
+    images = body.get("images") if isinstance(body, dict) else None
+    if not isinstance(images, list) or not images:
+        raise UploadError('send JSON {"images": ["<base64 PNG or JPEG>", ...]} with at least one image')
+    if len(images) > MAX_FILES:
+        raise UploadError(f"{len(images)} images: at most {MAX_FILES} per request", 413)
+    uploads = []
+    for index, encoded in enumerate(images):
+        name = f"image {index + 1}"
+        try:
+            payload = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            raise UploadError(f"{name}: not a base64 string") from None
+        _check_image(name, payload)
+        uploads.append((name, payload))
+    return uploads
+
+
 def _read_uploads() -> list[tuple[str, bytes]]:
+    if request.mimetype == "application/json":
+        return _read_json_images()
     files = [f for f in request.files.getlist("files") if f is not None]
     if not files or all(not f.filename for f in files):
         raise UploadError("no file uploaded: choose one or more PNG or JPEG images")
@@ -120,11 +166,15 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
 
     @app.get("/")
     def index():
-        return render_template("index.html", samples=gallery, max_files=MAX_FILES,
-                               max_file_mib=MAX_FILE_BYTES // 2**20)
+        token = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
+        page = app.make_response(render_template("index.html", samples=gallery, max_files=MAX_FILES,
+                                                 max_file_mib=MAX_FILE_BYTES // 2**20, csrf_token=token))
+        page.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict")
+        return page
 
     @app.post("/predict")
     def predict():
+        _check_csrf()
         uploads = _read_uploads()
         predictions = _score(upstream, scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],

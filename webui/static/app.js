@@ -7,6 +7,8 @@ const dropzone = document.getElementById("dropzone");
 const message = document.getElementById("message");
 const results = document.getElementById("results");
 const HEALTH_POLL_MS = 10000;
+// Form posts repeat the token of the page's cookie (the server's CSRF check).
+const csrfToken = document.querySelector('meta[name="csrf-token"]').content;
 
 function showMessage(text) { message.textContent = text || ""; }
 
@@ -55,7 +57,7 @@ async function classify(files) {
   for (const f of files) { body.append("files", f, f.name); }
   let response;
   try {
-    response = await fetch("/predict", { method: "POST", body });
+    response = await fetch("/predict", { method: "POST", body, headers: { "X-CSRF-Token": csrfToken } });
   } catch (err) {
     showMessage("The web UI is not reachable.");
     return;

@@ -1,0 +1,151 @@
+"""Faults: a scoring server that dies and comes back, two promotions at once, bad parameters and a broken
+dataset under `mlflow run`. Nothing is lost and nothing is left half-done."""
+
+import gzip
+import shutil
+import subprocess
+import sys
+import warnings
+
+import mlflow
+import pytest
+import requests
+from conftest import MODEL_URI, TINY_TRAIN, mlflow_run, png_base64, project_env
+
+from fmnist_pyfunc import config, data, registry, servers
+
+pytestmark = pytest.mark.e2e
+
+
+def _predict(ui_url: str, dataset) -> requests.Response:
+    return requests.post(f"{ui_url}/predict", json={"images": [png_base64(dataset.test_images[0])]}, timeout=60)
+
+
+def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(production, tracking_uri, tmp_path,
+                                                                                 dataset):
+    port = servers.free_port()
+    scoring_url = f"http://127.0.0.1:{port}"
+    env = project_env(tracking_uri)
+
+    def start_scoring(name: str):
+        return servers.start(servers.scoring_command(MODEL_URI, servers.LOOPBACK, port), env,
+                             f"{scoring_url}/ping", tmp_path / name)
+
+    scoring = start_scoring("serve-1.log")
+    ui_port = servers.free_port()
+    ui_url = f"http://127.0.0.1:{ui_port}"
+    ui = servers.start(servers.ui_command(servers.LOOPBACK, ui_port, workers=1), {**env, "FMNIST_SCORING_URL":
+                       scoring_url}, f"{ui_url}/health", tmp_path / "ui.log")
+    try:
+        assert _predict(ui_url, dataset).status_code == 200
+        scoring.kill()  # not a clean stop: the keep-alive connection the UI holds goes dead too
+        scoring.wait()
+        response = _predict(ui_url, dataset)
+        assert response.status_code == 503 and "not reachable" in response.json()["error"]
+        health = requests.get(f"{ui_url}/health", timeout=10)
+        assert health.status_code == 503 and health.json()["scoring_server"] == "unreachable"
+
+        scoring = start_scoring("serve-2.log")  # back on the same port; the UI is not restarted
+        assert _predict(ui_url, dataset).status_code == 200
+        assert requests.get(f"{ui_url}/health", timeout=10).json() == {"ui": "ok", "scoring_server": "ok"}
+    finally:
+        servers.stop(ui)
+        servers.stop(scoring)
+
+
+@pytest.fixture
+def own_registry(tmp_path, tracking_uri):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    yield store
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def _stages() -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        versions = mlflow.MlflowClient().search_model_versions(f"name = '{config.REGISTERED_MODEL_NAME}'")
+    return {v.version: v.current_stage for v in versions}
+
+
+def _champion() -> str:
+    client = mlflow.MlflowClient()
+    return client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, registry.CHAMPION_ALIAS).version
+
+
+def test_two_promotions_at_once_leave_exactly_one_champion(own_registry, tmp_path):
+    """Two `promote` processes started together on different runs: they take turns (the registry lock), so
+    exactly one version ends in Production with the alias, the other is Archived or was never promoted, and
+    the lock is gone."""
+    for name in ("first", "second"):
+        mlflow_run("train", {**TINY_TRAIN, "epochs": "1", "seed": str(len(name))}, own_registry, "race",
+                   tmp_path)
+    run_ids = [r.info.run_id for r in mlflow.search_runs(experiment_names=["race"], output_format="list")]
+    promoters = [subprocess.Popen([sys.executable, "-m", "entrypoints.promote", "--run-id", run_id,
+                                   "--force", "true"], cwd=tmp_path, env=project_env(own_registry),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for run_id in run_ids]
+    outputs = [p.communicate(timeout=600)[0] for p in promoters]
+    assert all(p.returncode == 0 for p in promoters), outputs
+    stages = _stages()
+    assert sorted(stages.values()) == ["Archived", "Production"], stages
+    assert stages[_champion()] == "Production"
+    assert not mlflow.MlflowClient().search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
+
+
+def test_a_promotion_killed_half_way_is_repaired_by_the_next(own_registry, tmp_path, dataset):
+    """A version moved to Production whose alias was never set (the promoter died in between): promoting
+    it again finishes the job instead of reporting "already in Production"."""
+    mlflow_run("train", {**TINY_TRAIN, "epochs": "1"}, own_registry, "half", tmp_path)
+    run_id = mlflow.search_runs(experiment_names=["half"], output_format="list")[0].info.run_id
+    version = registry.register(run_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        mlflow.MlflowClient().transition_model_version_stage(config.REGISTERED_MODEL_NAME, version, "Production")
+    decision = registry.promote(run_id, dataset)
+    assert not decision.promoted and _stages()[version] == "Production" and _champion() == version
+
+
+def test_a_stale_promotion_lock_is_taken_over(own_registry, monkeypatch):
+    """A promoter killed while holding the lock does not block promotions for ever."""
+    client = mlflow.MlflowClient()
+    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed:1"})
+    monkeypatch.setattr(registry, "LOCK_WAIT_S", 5)
+    with registry.promotion_lock():
+        holder = client.get_registered_model(registry.LOCK_MODEL_NAME).tags["holder"]
+        assert holder != "killed:1"
+    assert not client.search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
+
+
+@pytest.mark.parametrize("entry_point, params, words", [
+    ("train", {"epochs": "-1"}, "epochs"),
+    ("train", {"arch": "resnet"}, "arch"),
+    ("train", {"batch_size": "0"}, "batch_size"),
+    ("sweep", {"n_trials": "-2"}, "--n-trials"),
+    ("sweep", {"preset": "huge"}, "invalid choice"),
+    ("promote", {"run_id": "0123456789abcdef"}, "not found"),
+])
+def test_bad_parameters_under_mlflow_run_fail_fast_and_leave_no_finished_run(tracking_uri, tmp_path, entry_point,
+                                                                             params, words):
+    """`mlflow run` creates its run before our code starts: a refused parameter must end it FAILED."""
+    experiment = "bad-" + "-".join(f"{key}={value}" for key, value in params.items())
+    result = mlflow_run(entry_point, params, tracking_uri, experiment, tmp_path, check=False)
+    assert result.returncode != 0 and words in result.stderr, result.stderr[-2000:]
+    runs = mlflow.search_runs(experiment_names=[experiment], output_format="list")
+    assert runs and all(r.info.status == "FAILED" for r in runs)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_broken_dataset_is_reported_before_any_run(tracking_uri, tmp_path, dataset, damage):
+    folder = tmp_path / "fmnist"
+    shutil.copytree(dataset.source, folder)
+    victim = folder / data.FILES["test_labels"][0]
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(gzip.compress(b"\x00" * 100))
+    env = {**project_env(tracking_uri), data.DATA_DIR_ENV: str(folder)}
+    result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--experiment", f"broken-{damage}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and victim.name in result.stderr and "Traceback" not in result.stderr
+    assert mlflow.get_experiment_by_name(f"broken-{damage}") is None

@@ -1,0 +1,281 @@
+"""Bad and unusual input at the real servers: each bad request gets a 4xx with a clear JSON message and the
+server goes on serving; unusual but valid images are answered. Also the UI's limits, CSRF and bind address."""
+
+import base64
+import json
+import re
+import socket
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import requests
+from conftest import REPO, encode, exif_rotated_jpeg, png_base64, upscaled
+from PIL import Image
+
+from entrypoints import container, serve
+from fmnist_pyfunc import preprocessing, servers
+from webui import app as ui
+
+pytestmark = pytest.mark.e2e
+LEAKS = ("Traceback", "stack_trace", 'File "')  # what must never reach a client
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _records(*rows: dict) -> bytes:
+    return json.dumps({"dataframe_records": list(rows)}).encode()
+
+
+def _pixels(value) -> bytes:
+    return _records({"pixels": value})
+
+
+def _image(raw: bytes) -> bytes:
+    return _records({"image": _b64(raw)})
+
+
+def _encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
+    return base64.b64decode(encode(image, fmt, **save_args))
+
+
+def _truncated_jpeg() -> bytes:
+    whole = _encoded(upscaled(np.full((28, 28), 128, np.uint8)), "JPEG")
+    return whole[: len(whole) // 2]
+
+
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="28" height="28"><rect width="28" height="28"/></svg>'
+ZEROS = np.zeros((28, 28), int).tolist()
+BAD_REQUESTS = {  # name: (body, status, words the message must contain)
+    "malformed JSON": (b'{"dataframe_records": [', 400, "valid JSON"),
+    "empty body": (b"", 400, "valid JSON"),
+    "bare list": (json.dumps([{"pixels": ZEROS}]).encode(), 400, "Received a list"),
+    "unknown key": (json.dumps({"records": [{"pixels": ZEROS}]}).encode(), 400, "exactly one of the input fields"),
+    "two keys": (json.dumps({"dataframe_records": [{"pixels": ZEROS}], "inputs": [ZEROS]}).encode(), 400,
+                 "exactly one of the input fields"),
+    "only unknown fields": (_records({"weights": 1}), 400, "with 'pixels' or 'image'"),
+    "27x28": (_pixels(np.zeros((27, 28), int).tolist()), 400, "shape (28, 28), got (27, 28)"),
+    "flat 784": (_pixels([0] * 784), 400, "shape (28, 28), got (784,)"),
+    "3-D colour": (_pixels(np.zeros((28, 28, 3), int).tolist()), 400, "shape (28, 28), got (28, 28, 3)"),
+    "NaN": (b'{"dataframe_records": [{"pixels": [' + b",".join([b"[" + b",".join([b"NaN"] * 28) + b"]"] * 28)
+            + b"]}]}", 400, "NaN or infinite"),
+    "+inf": (_pixels(np.full((28, 28), np.inf).tolist()), 400, "NaN or infinite"),
+    "-inf": (_pixels(np.full((28, 28), -np.inf).tolist()), 400, "NaN or infinite"),
+    "negative": (_pixels(np.full((28, 28), -1).tolist()), 400, "0..255"),
+    "above 255": (_pixels(np.full((28, 28), 256).tolist()), 400, "0..255"),
+    "empty batch": (_records(), 400, "empty batch"),
+    "batch above maximum": (_records(*[{"pixels": ZEROS}] * (preprocessing.MAX_BATCH_ROWS + 1)), 400,
+                            f"maximum of {preprocessing.MAX_BATCH_ROWS}"),
+    "strings for numbers": (_pixels([["a"] * 28] * 28), 400, "array of numbers"),
+    "a string for pixels": (_pixels("hello"), 400, "28x28 array of numbers"),
+    "not base64": (_records({"image": "this is not base64!"}), 400, "not valid base64"),
+    "not an image": (_image(b"just some bytes, not an image"), 400, "not a PNG or JPEG"),
+    "GIF as PNG": (_image(_encoded(Image.new("L", (28, 28)), "GIF")), 400, "not a PNG or JPEG"),
+    "TIFF as PNG": (_image(_encoded(Image.new("L", (28, 28)), "TIFF")), 400, "not a PNG or JPEG"),
+    "SVG as PNG": (_image(SVG), 400, "not a PNG or JPEG"),
+    "truncated JPEG": (_image(_truncated_jpeg()), 400, "truncated or corrupt"),
+    "decompression bomb": (_image(_encoded(Image.new("1", (20000, 20000)), "PNG")), 400, "exceeds"),
+    "body over the limit": (_records({"image": "A" * (preprocessing.MAX_BODY_BYTES + 1)}), 413,
+                            f"exceeds {preprocessing.MAX_BODY_BYTES:,} bytes"),
+}
+
+
+def _post(url: str, body: bytes) -> requests.Response:
+    return requests.post(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}, timeout=120)
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_invocations_refuses_bad_input_clearly_and_keeps_serving(scoring_url, dataset, name):
+    body, status, words = BAD_REQUESTS[name]
+    response = _post(scoring_url, body)
+    assert response.status_code == status, response.text[:300]
+    error = response.json()
+    assert set(error) == {"error_code", "message"} and words in error["message"], error
+    assert len(error["message"]) <= 600 and not any(leak in response.text for leak in LEAKS)
+    assert _post(scoring_url, _pixels(dataset.test_images[0].tolist())).status_code == 200
+
+
+def _cmyk_jpeg(pixels: np.ndarray) -> bytes:
+    return _encoded(upscaled(255 - pixels).convert("CMYK"), "JPEG", quality=95)
+
+
+UNUSUAL = {  # name: the test image as people might send it; the model must see the same garment
+    "RGBA cut-out": lambda p: _encoded(upscaled(np.dstack([255 - p] * 3 + [np.where(p > 0, 255, 0)])
+                                                .astype(np.uint8)), "PNG"),
+    "palette": lambda p: _encoded(upscaled(p).convert("P"), "PNG"),
+    "16-bit": lambda p: _encoded(Image.fromarray(p.astype(np.uint16) * 257), "PNG"),
+    "CMYK JPEG": _cmyk_jpeg,
+    "EXIF-rotated": lambda p: base64.b64decode(exif_rotated_jpeg(p)),
+}
+N_UNUSUAL = 10  # test images per variant
+
+
+def test_invocations_answers_unusual_but_valid_images_sensibly(scoring_url, dataset):
+    """Each variant of 10 real test images gets the class the raw pixels get (allowing one or two
+    borderline images); degenerate sizes (1x1, 10000x10) are answered with valid probabilities."""
+    images = dataset.test_images[:N_UNUSUAL]
+    raw = _post(scoring_url, _records(*[{"pixels": img.tolist()} for img in images])).json()["predictions"]
+    for name, variant in UNUSUAL.items():
+        response = _post(scoring_url, _records(*[{"image": _b64(variant(img))} for img in images]))
+        assert response.status_code == 200, (name, response.text[:300])
+        agree = [a["class_index"] == b["class_index"] for a, b in zip(response.json()["predictions"], raw, strict=True)]
+        assert sum(agree) >= N_UNUSUAL - 2, name
+    for size in [(1, 1), (10000, 10)]:
+        response = _post(scoring_url, _image(_encoded(Image.new("L", size, 200), "PNG")))
+        assert response.status_code == 200
+        assert abs(sum(response.json()["predictions"][0]["probabilities"]) - 1) < 1e-4
+
+
+# --- the UI ---
+
+
+def _png_of_size(pixels: np.ndarray, size: int) -> bytes:
+    """A valid PNG of exactly `size` bytes: the image plus a private ancillary chunk that decoders skip."""
+    png = base64.b64decode(png_base64(pixels))
+    padding = size - len(png) - 12  # chunk length, type and CRC
+    chunk = b"prVt" + b"\0" * padding
+    head = 8 + 25  # signature, IHDR
+    return png[:head] + struct.pack(">I", padding) + chunk + struct.pack(">I", zlib.crc32(chunk)) + png[head:]
+
+
+def _form_upload(ui_url: str, files: list[tuple[str, bytes]]) -> requests.Response:
+    return servers.ui_session(ui_url).post(f"{ui_url}/predict", files=[("files", f) for f in files], timeout=120)
+
+
+def test_ui_upload_size_boundary(ui_url, dataset):
+    """A file of exactly MAX_FILE_BYTES is classified; one byte more is refused with 413."""
+    at_limit = _png_of_size(dataset.test_images[0], ui.MAX_FILE_BYTES)
+    assert len(at_limit) == ui.MAX_FILE_BYTES
+    response = _form_upload(ui_url, [("big.png", at_limit)])
+    assert response.status_code == 200, response.text
+    over = _png_of_size(dataset.test_images[0], ui.MAX_FILE_BYTES + 1)
+    response = _form_upload(ui_url, [("bigger.png", over)])
+    assert response.status_code == 413 and "larger than 5 MiB" in response.json()["error"]
+
+
+@pytest.mark.parametrize("case, status, words", [
+    ("no file", 400, "no file uploaded"),
+    ("empty filename", 400, "no file uploaded"),
+    ("too many files", 413, f"at most {ui.MAX_FILES}"),
+    ("request over the total limit", 413, "in total"),
+    ("GIF disguised as PNG", 400, "not a PNG or JPEG"),
+    ("SVG disguised as PNG", 400, "not a PNG or JPEG"),
+])
+def test_ui_refuses_bad_uploads_clearly(ui_url, dataset, case, status, words):
+    png = base64.b64decode(png_base64(dataset.test_images[0]))
+    files = {"no file": [], "empty filename": [("", b"")],
+             "too many files": [(f"{i}.png", png) for i in range(ui.MAX_FILES + 1)],
+             "request over the total limit": [(f"{i}.png", _png_of_size(dataset.test_images[0], ui.MAX_FILE_BYTES))
+                                              for i in range(ui.MAX_REQUEST_BYTES // ui.MAX_FILE_BYTES + 1)],
+             "GIF disguised as PNG": [("a.png", _encoded(Image.new("L", (28, 28)), "GIF"))],
+             "SVG disguised as PNG": [("a.png", SVG)]}[case]
+    response = _form_upload(ui_url, files) if files else servers.ui_session(ui_url).post(f"{ui_url}/predict",
+                                                                                       data={"x": "1"}, timeout=30)
+    assert response.status_code == status and words in response.json()["error"], response.text[:300]
+    assert not any(leak in response.text for leak in LEAKS)
+
+
+def test_ui_never_uses_the_client_filename_as_a_path(ui_url, dataset, tmp_path):
+    png = base64.b64decode(png_base64(dataset.test_images[0]))
+    response = _form_upload(ui_url, [("../../x.png", png)])
+    assert response.status_code == 200 and response.json()["results"][0]["filename"] == "x.png"
+
+
+def test_ui_wrong_method_and_unknown_path_are_json_without_traces(ui_url):
+    for response, status in ((requests.get(f"{ui_url}/predict", timeout=10), 405),
+                             (requests.put(f"{ui_url}/predict", timeout=10), 405),
+                             (requests.get(f"{ui_url}/no/such/page", timeout=10), 404),
+                             (requests.get(f"{ui_url}/samples/99999.png", timeout=10), 404)):
+        assert response.status_code == status and "error" in response.json()
+        assert not any(leak in response.text for leak in LEAKS)
+
+
+def test_ui_form_posts_need_the_csrf_token_and_the_json_api_needs_no_cookie(ui_url, dataset):
+    png = base64.b64decode(png_base64(dataset.test_images[0]))
+    files = [("files", ("a.png", png, "image/png"))]
+    # A cross-site form: no cookie, no token (or a guessed one).
+    for headers in ({}, {"X-CSRF-Token": "guess"}):
+        response = requests.post(f"{ui_url}/predict", files=files, headers=headers, timeout=30)
+        assert response.status_code == 403 and "CSRF" in response.json()["error"]
+    session = servers.ui_session(ui_url)  # loaded the page: cookie + token
+    assert session.post(f"{ui_url}/predict", files=files, timeout=30).status_code == 200
+    wrong = requests.Session()
+    wrong.cookies.update(session.cookies)  # the cookie alone (a browser sends it) is not enough
+    assert wrong.post(f"{ui_url}/predict", files=files, timeout=30).status_code == 403
+    # text/plain is what a cross-site form can send: it is not the JSON API.
+    body = json.dumps({"images": [png_base64(dataset.test_images[0])]})
+    assert requests.post(f"{ui_url}/predict", data=body, headers={"Content-Type": "text/plain"},
+                         timeout=30).status_code == 403
+    response = requests.post(f"{ui_url}/predict", json={"images": [png_base64(dataset.test_images[0])]}, timeout=30)
+    assert response.status_code == 200 and response.json()["results"][0]["class_name"]
+    for bad in ({"images": []}, {"images": "x"}, [1], {"images": ["not base64!"]}):
+        response = requests.post(f"{ui_url}/predict", json=bad, timeout=30)
+        assert response.status_code == 400 and "error" in response.json()
+    cookie = requests.get(ui_url, timeout=10).headers["Set-Cookie"]
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+
+
+def test_ui_never_shows_the_upstream_error_body(dataset):
+    """A scoring server that fails with a stack trace: the UI says 502 in its own words."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Failing(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"message": "boom", "stack_trace": "Traceback (most recent call last): File \\"/secret.py\\""}'
+            self.send_response(500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    upstream = ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        client = ui.create_app(scoring_url=f"http://127.0.0.1:{upstream.server_port}").test_client()
+        response = client.post("/predict", json={"images": [png_base64(dataset.test_images[0])]})
+    finally:
+        upstream.shutdown()
+    assert response.status_code == 502 and "failed to answer" in response.get_json()["error"]
+    assert "secret" not in response.get_data(as_text=True) and "boom" not in response.get_data(as_text=True)
+
+
+# --- where the servers listen ---
+
+
+def _non_loopback_address() -> str | None:
+    """This machine's address on its default route, if it has one (a UDP connect sends nothing)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))  # TEST-NET-1: never routed anywhere
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_servers_bind_to_loopback_unless_told_otherwise(scoring_url, ui_url):
+    assert serve.DEFAULT_HOST == servers.LOOPBACK == "127.0.0.1"
+    assert container.parser().get_default("host") == servers.LOOPBACK
+    assert re.search(r"^HOST\s*\?=\s*127\.0\.0\.1$", (REPO / "Makefile").read_text(), re.M)
+    address = _non_loopback_address()
+    if address is None:
+        pytest.skip("no network interface besides loopback to probe")
+    for url in (scoring_url, ui_url):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.socket() as s, pytest.raises(OSError):
+            s.settimeout(2)
+            s.connect((address, port))
+
+
+def test_body_limits_fit_each_other():
+    """The UI's largest request, base64-encoded for the scoring server, fits under its body limit."""
+    largest_scoring_body = ui.MAX_REQUEST_BYTES * 4 / 3 + ui.MAX_FILES * 64  # base64 + JSON per image
+    assert largest_scoring_body < preprocessing.MAX_BODY_BYTES
+    assert preprocessing.MAX_IMAGE_BYTES * 4 / 3 < preprocessing.MAX_BODY_BYTES
