@@ -9,6 +9,7 @@ on real test images:
 
     python benchmarks/serve_speed.py                      # the Production model of MLFLOW_TRACKING_URI
     python benchmarks/serve_speed.py --model-uri models:/fashion-mnist-cnn@champion --requests 500
+    python benchmarks/serve_speed.py --plain-mlflow       # baseline: `mlflow models serve`, without the guards
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300,
                         help="single-image requests per case (default: %(default)s)")
     parser.add_argument("--batch-repeats", type=int, default=10, help="requests per batch size (default: %(default)s)")
+    parser.add_argument("--plain-mlflow", action="store_true",
+                        help="serve with plain `mlflow models serve` instead of entrypoints.serve (default: off)")
     args = parser.parse_args()
     ds = data.load(download=False)
     images = ds.test_images[:256]
@@ -67,8 +70,11 @@ def main() -> None:
 
     port, ui_port = servers.free_port(), servers.free_port()
     logs = Path(tempfile.mkdtemp(prefix="fmnist-serve-speed-"))
-    server = servers.start(servers.scoring_command(args.model_uri, servers.LOOPBACK, port), servers.child_env(),
-                           f"http://127.0.0.1:{port}/ping", logs / "serve.log")
+    scoring = servers.scoring_command(args.model_uri, servers.LOOPBACK, port)
+    if args.plain_mlflow:
+        scoring = ["mlflow", "models", "serve", "-m", args.model_uri, "--env-manager", "local",
+                   "-h", servers.LOOPBACK, "-p", str(port)]
+    server = servers.start(scoring, servers.child_env(), f"http://127.0.0.1:{port}/ping", logs / "serve.log")
     ui = servers.start(servers.ui_command(servers.LOOPBACK, ui_port, workers=1),
                        servers.child_env(FMNIST_SCORING_URL=f"http://127.0.0.1:{port}"),
                        f"http://127.0.0.1:{ui_port}/health", logs / "ui.log")
@@ -81,7 +87,8 @@ def main() -> None:
             response = session.post(url, json={"dataframe_records": records}, timeout=60)
             response.raise_for_status()
 
-        print(f"model {args.model_uri}; 1 scoring worker; {os.cpu_count()} CPU cores")
+        print(f"model {args.model_uri}; {'mlflow models serve' if args.plain_mlflow else 'entrypoints.serve'}, "
+              f"1 worker; {os.cpu_count()} CPU cores")
         png_bytes = base64.b64decode(png[0]["image"])
         for name, records in (("raw pixels", raw), ("base64 PNG", png)):
             http = time_calls(lambda r=records: invoke(r[:1]), args.requests)

@@ -75,11 +75,19 @@ def search_space_description(preset: str) -> dict:
 
 
 def _mark_killed(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-    """Optuna failed a stale trial (its worker died): close its MLflow run as KILLED too."""
+    """Optuna failed a stale trial (its worker died): close its MLflow run, and the dead worker's sweep run
+    (the trial run's parent: each worker has its own), as KILLED too."""
+    client = MlflowClient()
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id and MlflowClient().get_run(run_id).info.status == "RUNNING":
-        MlflowClient().set_terminated(run_id, status="KILLED")
-        MlflowClient().set_tag(run_id, "optuna.state", "FAIL (worker killed)")
+    if not run_id:
+        return
+    run = client.get_run(run_id)
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id, status="KILLED")
+        client.set_tag(run_id, "optuna.state", "FAIL (worker killed)")
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if parent_id and client.get_run(parent_id).info.status == "RUNNING":
+        client.set_terminated(parent_id, status="KILLED")
 
 
 def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
