@@ -1,4 +1,4 @@
-# The exported Production model served by `mlflow models serve`, with the upload UI beside it.
+# The exported Production model served by MLflow's scoring server (entrypoints.serve), with the upload UI beside it.
 #   make export && docker build -t fmnist:latest .
 #   docker run -p 8080:8080 -p 8000:8000 fmnist:latest      # UI :8080, scoring server :8000
 

@@ -4,7 +4,7 @@
 PYTHON       ?= python3.11
 VENV         := .venv
 BIN          := $(CURDIR)/$(VENV)/bin
-# `mlflow models serve` shells out to uvicorn: the venv's bin/ must be on PATH.
+# `mlflow models serve` and `mlflow run` shell out to tools of the venv: its bin/ must be on PATH.
 export PATH  := $(BIN):$(PATH)
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 # `mlflow run` logs to this experiment (MLflow reads the variable); promote picks from it.

@@ -71,7 +71,7 @@ def sweep_and_promote(args: argparse.Namespace, dataset: data.FashionMNIST) -> i
             return 1
         print(f"[sweep] best trial {study.best_trial.number}: val_accuracy {study.best_value:.4f}, run {best_run_id}")
         if not promoter:  # several workers share the study: the one that ran its last trial promotes
-            print("[sweep] another worker ran the study's last trial and promotes")
+            print("[sweep] another worker finishes this study and promotes its best trial")
         elif args.promote:
             decision = registry.promote(best_run_id, dataset)
             registry.log_decision(decision)

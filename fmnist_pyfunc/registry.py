@@ -33,7 +33,7 @@ PRODUCTION = "Production"
 ARCHIVED = "Archived"
 STAGING = "Staging"
 CHAMPION_ALIAS = "champion"
-EXPORT_MODEL_DIR = "model"            # inside the export folder: what `mlflow models serve -m` gets
+EXPORT_MODEL_DIR = "model"            # inside the export folder: the model folder the scoring server loads
 EXPORT_INFO_FILE = "model_info.json"  # the UI's /model_info when no registry is reachable
 GATE_BATCH_ROWS = 1000  # rows per pyfunc call: the serving limit is 1024 rows per request
 # One promotion at a time. The lock is a registered model of its own: creating one is atomic in every

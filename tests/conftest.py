@@ -41,6 +41,15 @@ def tracking_uri(tmp_path_factory) -> str:
     return uri
 
 
+@pytest.fixture
+def private_store(tmp_path, tracking_uri) -> str:
+    """A tracking store and registry of the test's own, for assertions about everything in them."""
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(store)
+    yield store
+    mlflow.set_tracking_uri(tracking_uri)
+
+
 # Set by mlflow.set_experiment/start_run in this process; a child process must choose its own.
 INHERITED_MLFLOW_VARS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
 

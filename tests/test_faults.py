@@ -53,14 +53,6 @@ def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(
         servers.stop(scoring)
 
 
-@pytest.fixture
-def own_registry(tmp_path, tracking_uri):
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(store)
-    yield store
-    mlflow.set_tracking_uri(tracking_uri)
-
-
 def _stages() -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
@@ -73,16 +65,16 @@ def _champion() -> str:
     return client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, registry.CHAMPION_ALIAS).version
 
 
-def test_two_promotions_at_once_leave_exactly_one_champion(own_registry, tmp_path):
+def test_two_promotions_at_once_leave_exactly_one_champion(private_store, tmp_path):
     """Two `promote` processes started together on different runs: they take turns (the registry lock), so
     exactly one version ends in Production with the alias, the other is Archived or was never promoted, and
     the lock is gone."""
     for name in ("first", "second"):
-        mlflow_run("train", {**TINY_TRAIN, "epochs": "1", "seed": str(len(name))}, own_registry, "race",
+        mlflow_run("train", {**TINY_TRAIN, "epochs": "1", "seed": str(len(name))}, private_store, "race",
                    tmp_path)
     run_ids = [r.info.run_id for r in mlflow.search_runs(experiment_names=["race"], output_format="list")]
     promoters = [subprocess.Popen([sys.executable, "-m", "entrypoints.promote", "--run-id", run_id,
-                                   "--force", "true"], cwd=tmp_path, env=project_env(own_registry),
+                                   "--force", "true"], cwd=tmp_path, env=project_env(private_store),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for run_id in run_ids]
     outputs = [p.communicate(timeout=600)[0] for p in promoters]
@@ -93,10 +85,10 @@ def test_two_promotions_at_once_leave_exactly_one_champion(own_registry, tmp_pat
     assert not mlflow.MlflowClient().search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
 
 
-def test_a_promotion_killed_half_way_is_repaired_by_the_next(own_registry, tmp_path, dataset):
+def test_a_promotion_killed_half_way_is_repaired_by_the_next(private_store, tmp_path, dataset):
     """A version moved to Production whose alias was never set (the promoter died in between): promoting
     it again finishes the job instead of reporting "already in Production"."""
-    mlflow_run("train", {**TINY_TRAIN, "epochs": "1"}, own_registry, "half", tmp_path)
+    mlflow_run("train", {**TINY_TRAIN, "epochs": "1"}, private_store, "half", tmp_path)
     run_id = mlflow.search_runs(experiment_names=["half"], output_format="list")[0].info.run_id
     version = registry.register(run_id)
     with warnings.catch_warnings():
@@ -106,7 +98,7 @@ def test_a_promotion_killed_half_way_is_repaired_by_the_next(own_registry, tmp_p
     assert not decision.promoted and _stages()[version] == "Production" and _champion() == version
 
 
-def test_a_stale_promotion_lock_is_taken_over(own_registry, monkeypatch):
+def test_a_stale_promotion_lock_is_taken_over(private_store, monkeypatch):
     """A promoter killed while holding the lock does not block promotions for ever."""
     client = mlflow.MlflowClient()
     client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed:1"})

@@ -54,15 +54,6 @@ def _registry_state() -> dict:
             f"name = '{config.REGISTERED_MODEL_NAME}'")}
 
 
-@pytest.fixture
-def private_store(tmp_path, tracking_uri):
-    """A registry of the test's own: "untouched" must mean nothing registered at all."""
-    store = f"sqlite:///{tmp_path}/mlflow.db"
-    mlflow.set_tracking_uri(store)
-    yield store
-    mlflow.set_tracking_uri(tracking_uri)
-
-
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_interrupted_sweep_resumes_without_losing_trials(private_store, tmp_path, stop):
     """Stopped during trial 1 (Ctrl-C or kill -9): trial 0's run is kept, trial 1 ends failed and its run is not
