@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import os
 import sys
 import tempfile
@@ -24,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from PIL import Image
 
-from fmnist_pyfunc import data, servers
+from fmnist_pyfunc import data, preprocessing, servers
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_DURATION_S = 60.0
@@ -55,18 +53,13 @@ class Tally:
     examples: list = field(default_factory=list)    # a few unexpected answers, for the report
 
 
-def _png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def mix(dataset: data.FashionMNIST) -> list[Case]:
     """The request mix: ~70 % good requests of every kind, ~30 % bad ones."""
     images = dataset.test_images[:BATCH]
     raw = {"dataframe_records": [{"pixels": images[0].tolist()}]}
-    png_bytes = _png(images[1])
-    png = {"dataframe_records": [{"image": base64.b64encode(png_bytes).decode()}]}
+    png_b64 = preprocessing.png_base64(images[1])
+    png_bytes = base64.b64decode(png_b64)
+    png = {"dataframe_records": [{"image": png_b64}]}
     batch = {"dataframe_records": [{"pixels": img.tolist()} for img in images]}
     wrong_shape = {"dataframe_records": [{"pixels": images[0][:27].tolist()}]}
     not_image = {"dataframe_records": [{"image": base64.b64encode(b"not an image").decode()}]}
@@ -87,11 +80,11 @@ def mix(dataset: data.FashionMNIST) -> list[Case]:
         Case(f"batch of {BATCH}", "scoring", 200, scoring(batch)),
         Case("wrong shape", "scoring", 400, scoring(wrong_shape)),
         Case("not an image", "scoring", 400, scoring(not_image)),
-        Case("JSON API PNG", "ui", 200, ui_json([png["dataframe_records"][0]["image"]])),
+        Case("JSON API PNG", "ui", 200, ui_json([png_b64])),
         Case("form upload", "ui", 200, ui_form),
         Case("JSON API bad", "ui", 400, ui_json(["bm90IGFuIGltYWdl"])),
         Case("raw pixels", "scoring", 200, scoring(raw)),
-        Case("JSON API PNG", "ui", 200, ui_json([png["dataframe_records"][0]["image"]])),
+        Case("JSON API PNG", "ui", 200, ui_json([png_b64])),
     ]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import os
 import tempfile
 import time
@@ -25,17 +24,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from fmnist_pyfunc import data, servers
+from fmnist_pyfunc import data, preprocessing, servers
 
 BATCH_SIZES = (1, 32, 256)
-
-
-def png_b64(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def percentiles(samples: list[float]) -> str:
@@ -66,7 +58,7 @@ def main() -> None:
     ds = data.load(download=False)
     images = ds.test_images[:256]
     raw = [{"pixels": img.tolist()} for img in images]
-    png = [{"image": png_b64(img)} for img in images]
+    png = [{"image": preprocessing.png_base64(img)} for img in images]
 
     port, ui_port = servers.free_port(), servers.free_port()
     logs = Path(tempfile.mkdtemp(prefix="fmnist-serve-speed-"))

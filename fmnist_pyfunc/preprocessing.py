@@ -135,6 +135,13 @@ def image_to_array(image: Image.Image) -> np.ndarray:
     return canvas
 
 
+def png_base64(pixels: np.ndarray) -> str:
+    """A 28x28 dataset image as the `image` column carries it: base64 PNG (input examples, benchmarks)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 

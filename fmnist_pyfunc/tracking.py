@@ -5,8 +5,6 @@ Shared by the `train` entry point and every sweep trial, so both log exactly the
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import subprocess
@@ -16,12 +14,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
 
-from fmnist_pyfunc import augment, models, reporting, training
+from fmnist_pyfunc import augment, models, preprocessing, reporting, training
 from fmnist_pyfunc import data as fdata
 from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
@@ -49,17 +45,11 @@ def set_tracking_uri_default(default: str) -> None:
         mlflow.set_tracking_uri(default)
 
 
-def _png_base64(pixels: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def input_example(dataset: fdata.FashionMNIST) -> pd.DataFrame:
     """Both input kinds of the JSON contract, built from real test images."""
     return pd.DataFrame([
         {"pixels": dataset.test_images[0].tolist(), "image": None},
-        {"pixels": None, "image": _png_base64(dataset.test_images[1])},
+        {"pixels": None, "image": preprocessing.png_base64(dataset.test_images[1])},
     ])
 
 

@@ -91,10 +91,6 @@ def encode(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def png_base64(pixels: np.ndarray, fmt: str = "PNG", **save_args) -> str:
-    return encode(Image.fromarray(pixels), fmt, **save_args)
-
-
 def upscaled(pixels: np.ndarray, size: int = 300) -> Image.Image:
     """A dataset image the size of a photo."""
     return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)

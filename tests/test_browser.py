@@ -4,8 +4,10 @@ import base64
 from pathlib import Path
 
 import pytest
-from conftest import REPO, png_base64
+from conftest import REPO
 from playwright.sync_api import expect, sync_playwright
+
+from fmnist_pyfunc.preprocessing import png_base64
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: Playwright cannot download browsers here

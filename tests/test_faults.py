@@ -10,9 +10,10 @@ import warnings
 import mlflow
 import pytest
 import requests
-from conftest import MODEL_URI, TINY_TRAIN, mlflow_run, png_base64, project_env
+from conftest import MODEL_URI, TINY_TRAIN, mlflow_run, project_env
 
 from fmnist_pyfunc import config, data, registry, servers
+from fmnist_pyfunc.preprocessing import png_base64
 
 pytestmark = pytest.mark.e2e
 

@@ -5,10 +5,11 @@ import base64
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import encode, exif_rotated_jpeg, png_base64, upscaled
+from conftest import encode, exif_rotated_jpeg, upscaled
 from PIL import Image
 
 from fmnist_pyfunc import preprocessing as pre
+from fmnist_pyfunc.preprocessing import png_base64
 
 MAX_SHIFT = 2  # re-centring a trimmed garment may move it by a pixel or two; that is not a difference
 

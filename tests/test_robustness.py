@@ -11,11 +11,12 @@ import zlib
 import numpy as np
 import pytest
 import requests
-from conftest import REPO, encode, exif_rotated_jpeg, png_base64, upscaled
+from conftest import REPO, encode, exif_rotated_jpeg, upscaled
 from PIL import Image
 
 from entrypoints import container, serve
 from fmnist_pyfunc import preprocessing, servers
+from fmnist_pyfunc.preprocessing import png_base64
 from webui import app as ui
 
 pytestmark = pytest.mark.e2e

@@ -1,4 +1,4 @@
-"""Serving end to end: the real `mlflow models serve` of the Production model, and the UI in front of it."""
+"""Serving end to end: the real scoring server of the Production model, and the UI in front of it."""
 
 import base64
 import io
@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import png_base64
 from PIL import Image
 
 from fmnist_pyfunc import config, servers
+from fmnist_pyfunc.preprocessing import png_base64
 from fmnist_pyfunc.servers import free_port
 
 pytestmark = pytest.mark.e2e

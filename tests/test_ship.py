@@ -11,9 +11,10 @@ import sys
 import pytest
 import requests
 import yaml
-from conftest import BIN, REPO, png_base64, project_env
+from conftest import BIN, REPO, project_env
 
 from fmnist_pyfunc import registry
+from fmnist_pyfunc.preprocessing import png_base64
 from fmnist_pyfunc.servers import free_port, wait_until_up
 
 NEVER_IN_IMAGE = (".venv", "mlruns", "mlflow.db", "optuna.db", "tests", ".git", "data")

@@ -8,10 +8,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, mlflow_run, png_base64, project_env
+from conftest import REPO, mlflow_run, project_env
 from mlflow.models import validate_serving_input
 
 from fmnist_pyfunc.config import CLASS_NAMES
+from fmnist_pyfunc.preprocessing import png_base64
 
 pytestmark = pytest.mark.e2e
 
