@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from fmnist_pyfunc import data, preprocessing, servers
+from fmnist_pyfunc import config, data, preprocessing, servers
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_DURATION_S = 60.0
@@ -158,7 +158,7 @@ def report(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-uri", default="models:/fashion-mnist-cnn/Production",
+    parser.add_argument("--model-uri", default=config.PRODUCTION_MODEL_URI,
                         help="model to serve (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
                         help="client threads (default: %(default)s)")

@@ -25,7 +25,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from fmnist_pyfunc import data, preprocessing, servers
+from fmnist_pyfunc import config, data, preprocessing, servers
 
 BATCH_SIZES = (1, 32, 256)
 
@@ -47,7 +47,7 @@ def time_calls(call, n: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-uri", default="models:/fashion-mnist-cnn/Production",
+    parser.add_argument("--model-uri", default=config.PRODUCTION_MODEL_URI,
                         help="model to serve (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=300,
                         help="single-image requests per case (default: %(default)s)")

@@ -20,9 +20,7 @@ from mlflow.exceptions import MlflowException
 from fmnist_pyfunc import config, servers, serving, tracking
 from fmnist_pyfunc.preprocessing import MAX_BODY_BYTES
 
-DEFAULT_MODEL_URI = f"models:/{config.REGISTERED_MODEL_NAME}/Production"
 DEFAULT_HOST = servers.LOOPBACK  # exposing the server is a decision, made with --host
-DEFAULT_PORT = 5001          # beside the MLflow UI's 5000
 # Each worker holds the model (~10 MB) and uses ~2 threads of inference: one per 2 cores.
 DEFAULT_WORKERS = 1
 
@@ -36,10 +34,10 @@ def resolve(model_uri: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-uri", default=DEFAULT_MODEL_URI,
+    parser.add_argument("--model-uri", default=config.PRODUCTION_MODEL_URI,
                         help="models:/..., runs:/... or a local model folder (default: %(default)s)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="bind address (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    parser.add_argument("--port", type=int, default=servers.SCORING_PORT, help="(default: %(default)s)")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="processes (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
                         help="larger request bodies get 413 (default: %(default)s)")

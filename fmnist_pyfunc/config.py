@@ -39,6 +39,7 @@ CLASS_NAMES = (
 
 EXPERIMENT_NAME = "fashion-mnist"
 REGISTERED_MODEL_NAME = "fashion-mnist-cnn"
+PRODUCTION_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}/Production"  # what serving loads by default
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 SELECTION_METRIC = "best_val_accuracy"  # what the sweep optimises and promote ranks by; never test data
 MODEL_URI_TAG = "model_uri"  # run tag: MLflow 3 keeps logged models outside the run's artifacts

@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fmnist_pyfunc import servers
+from fmnist_pyfunc import config, servers
 from fmnist_pyfunc.servers import free_port, start, stop
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_URI = "models:/fashion-mnist-cnn/Production"
 # The smallest training run that still exercises every code path: ~20 s on 2 CPU cores.
 TINY_TRAIN = {"epochs": "2", "max_train_samples": "6000", "width": "16", "val_size": "1000"}
 
@@ -125,7 +124,7 @@ def scoring_server(production, tracking_uri, tmp_path_factory):
     env = project_env(tracking_uri)
     env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the model must load without unpickling
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    process = start(servers.scoring_command(MODEL_URI, servers.LOOPBACK, port), env,
+    process = start(servers.scoring_command(config.PRODUCTION_MODEL_URI, servers.LOOPBACK, port), env,
                     f"http://127.0.0.1:{port}/ping", log)
     yield process, f"http://127.0.0.1:{port}"
     stop(process)

@@ -10,7 +10,7 @@ import warnings
 import mlflow
 import pytest
 import requests
-from conftest import MODEL_URI, TINY_TRAIN, mlflow_run, project_env
+from conftest import TINY_TRAIN, mlflow_run, project_env
 
 from fmnist_pyfunc import config, data, registry, servers
 from fmnist_pyfunc.preprocessing import png_base64
@@ -29,7 +29,7 @@ def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(
     env = project_env(tracking_uri)
 
     def start_scoring(name: str):
-        return servers.start(servers.scoring_command(MODEL_URI, servers.LOOPBACK, port), env,
+        return servers.start(servers.scoring_command(config.PRODUCTION_MODEL_URI, servers.LOOPBACK, port), env,
                              f"{scoring_url}/ping", tmp_path / name)
 
     scoring = start_scoring("serve-1.log")

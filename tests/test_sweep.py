@@ -36,7 +36,7 @@ def test_sweep_links_children_and_promotes_the_best(tracking_uri, tmp_path, data
     assert parent.data.tags["promotion.promoted"] in ("true", "false")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        model = mlflow.pyfunc.load_model(f"models:/{config.REGISTERED_MODEL_NAME}/Production")
+        model = mlflow.pyfunc.load_model(config.PRODUCTION_MODEL_URI)
     frame = pd.DataFrame({"pixels": list(dataset.test_images[:50].astype(float))})
     assert (model.predict(frame)["class_index"].to_numpy() == dataset.test_labels[:50]).mean() > 0.5
 

@@ -129,7 +129,7 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        model = mlflow.pyfunc.load_model(f"models:/{config.REGISTERED_MODEL_NAME}/Production")
+        model = mlflow.pyfunc.load_model(config.PRODUCTION_MODEL_URI)
     frame = pd.DataFrame({"pixels": [img.tolist() for img in dataset.test_images[:20]]})
     assert len(model.predict(frame)) == 20
     scores = {r.info.run_id: r.data.metrics["best_val_accuracy"] for r in children if r.info.status == "FINISHED"}
@@ -137,8 +137,8 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
 
     port = free_port()  # `mlflow models serve` resolves the registry URI through the tracking server too
     log = tmp_path / "serve.log"
-    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{config.REGISTERED_MODEL_NAME}/"
-                               "Production", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", config.PRODUCTION_MODEL_URI,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               env=project_env(tracking_server), stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)

@@ -28,11 +28,11 @@ import requests
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from fmnist_pyfunc import preprocessing, registry  # no torch: numpy, Pillow, mlflow's client
+from fmnist_pyfunc import preprocessing, registry, servers  # no torch: numpy, Pillow, mlflow's client, requests
 from fmnist_pyfunc.config import CLASS_NAMES
 from webui import samples
 
-DEFAULT_SCORING_URL = "http://127.0.0.1:5001"
+DEFAULT_SCORING_URL = f"http://{servers.LOOPBACK}:{servers.SCORING_PORT}"
 MAX_FILES = 16                        # images per request: one scoring call, well under its 1,024-row limit
 MAX_FILE_BYTES = 5 * 2**20            # 5 MiB per image: phone photos fit, anything larger is not a photo
 # All files of one request. As base64 (x4/3) they must fit the scoring server's body limit
