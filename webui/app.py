@@ -21,6 +21,8 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -72,38 +74,41 @@ def _check_csrf() -> None:
         raise UploadError("missing or stale CSRF token: reload the page and try again", 403)
 
 
-def _read_json_images() -> list[tuple[str, bytes]]:
+def _decode(encoded, name: str) -> bytes:
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise UploadError(f"{name}: not a base64 string") from None
+
+
+def _json_uploads() -> list[tuple[str, Callable[[], bytes]]]:
     body = request.get_json(silent=True)
     images = body.get("images") if isinstance(body, dict) else None
     if not isinstance(images, list) or not images:
         raise UploadError('send JSON {"images": ["<base64 PNG or JPEG>", ...]} with at least one image')
-    if len(images) > MAX_FILES:
-        raise UploadError(f"{len(images)} images: at most {MAX_FILES} per request", 413)
-    uploads = []
-    for index, encoded in enumerate(images):
-        name = f"image {index + 1}"
-        try:
-            payload = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError, TypeError):
-            raise UploadError(f"{name}: not a base64 string") from None
-        _check_image(name, payload)
-        uploads.append((name, payload))
-    return uploads
+    names = [f"image {index + 1}" for index in range(len(images))]
+    return [(name, partial(_decode, encoded, name)) for name, encoded in zip(names, images, strict=True)]
 
 
-def _read_uploads() -> list[tuple[str, bytes]]:
-    if request.mimetype == "application/json":
-        return _read_json_images()
+def _form_uploads() -> list[tuple[str, Callable[[], bytes]]]:
     files = [f for f in request.files.getlist("files") if f is not None]
     if not files or all(not f.filename for f in files):
         raise UploadError("no file uploaded: choose one or more PNG or JPEG images")
-    if len(files) > MAX_FILES:
-        raise UploadError(f"{len(files)} files: at most {MAX_FILES} per request", 413)
+    # The client's filename is only ever echoed back (escaped by the page), never used as a path.
+    names = [Path(f.filename or "").name[:100] or f"file {index + 1}" for index, f in enumerate(files)]
+    return [(name, partial(f.read, MAX_FILE_BYTES + 1)) for name, f in zip(names, files, strict=True)]
+
+
+def _read_uploads() -> list[tuple[str, bytes]]:
+    """The request's images, from the JSON API or the form, each checked; nothing read beyond the limits."""
+    json_api = request.mimetype == "application/json"
+    pending = _json_uploads() if json_api else _form_uploads()
+    if len(pending) > MAX_FILES:
+        noun = "images" if json_api else "files"
+        raise UploadError(f"{len(pending)} {noun}: at most {MAX_FILES} per request", 413)
     uploads = []
-    for index, storage in enumerate(files):
-        # The client's filename is only ever echoed back (escaped by the page), never used as a path.
-        name = Path(storage.filename or f"file {index + 1}").name[:100] or f"file {index + 1}"
-        payload = storage.read(MAX_FILE_BYTES + 1)
+    for name, read in pending:
+        payload = read()
         _check_image(name, payload)
         uploads.append((name, payload))
     return uploads
