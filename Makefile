@@ -22,14 +22,21 @@ HOST         ?= 127.0.0.1
 MODEL_URI    ?= models:/fashion-mnist-cnn/Production
 export FMNIST_SCORING_URL ?= http://127.0.0.1:$(SCORING_PORT)
 
-.PHONY: install dataset system-deps run train sweep promote export serve ui serve-all tracking-server mlflow-ui test lint bench clean
+# The image (see README, "Container"): docker when its daemon runs, else podman. OFFLINE=1 where builds reach no
+# package index: a wheelhouse from the host's pip and, if the engine lacks python:3.11-slim, a base from Debian.
+IMAGE        ?= fmnist:latest
+ENGINE       ?= auto
+OFFLINE      ?=
+
+.PHONY: install dataset system-deps run train sweep promote export image image-test serve ui serve-all \
+        tracking-server mlflow-ui test lint bench clean
 
 install: $(STAMP) dataset
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,dev]"
 	touch $@
 
 # Debian's package when apt is available; otherwise torchvision downloads it on first use.
@@ -39,9 +46,9 @@ dataset:
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "dataset: no apt-get; torchvision will download Fashion-MNIST into ~/.cache/fmnist-pyfunc"; fi
 
-# What the browser and PostgreSQL tests need, from Debian.
+# What the browser, PostgreSQL and image tests need, from Debian.
 system-deps:
-	@missing=""; for p in chromium chromium-driver postgresql; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in chromium postgresql podman runc debootstrap podman-compose; do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
@@ -89,9 +96,16 @@ lint: install
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/actionlint
 
-# The Production model, self-contained, for the Docker image (then: docker build -t fmnist:latest .).
+# The Production model, self-contained, for the image.
 export: install
 	$(BIN)/python -m entrypoints.export --output $(EXPORT_DIR)
+
+image: export
+	$(BIN)/python container/build.py --export $(EXPORT_DIR) --tag $(IMAGE) --engine $(ENGINE) $(if $(OFFLINE),--offline)
+
+# A tiny model trained, promoted, exported, built into an image and smoke-tested (container/smoke.py); offline.
+image-test: install system-deps
+	$(BIN)/python -m pytest tests/test_image.py
 
 bench: install
 	$(BIN)/python benchmarks/train_speed.py

@@ -24,8 +24,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--export", type=Path, default=Path("export"), help="exported folder (default: %(default)s)")
     parser.add_argument("--host", default=servers.LOOPBACK,
                         help="bind address; 0.0.0.0 in a container (default: %(default)s)")
-    parser.add_argument("--scoring-port", type=int, default=8000, help="scoring server port (default: %(default)s)")
-    parser.add_argument("--ui-port", type=int, default=8080, help="web UI port (default: %(default)s)")
+    parser.add_argument("--scoring-port", type=int, default=servers.SCORING_PORT,
+                        help="scoring server port (default: %(default)s)")
+    parser.add_argument("--ui-port", type=int, default=servers.UI_PORT, help="web UI port (default: %(default)s)")
     parser.add_argument("--ui-workers", type=int, default=2, help="gunicorn workers (default: %(default)s)")
     return parser
 

@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist_pyfunc import config, registry, tracking
+from fmnist_pyfunc import cli, registry
 
 DEFAULT_OUTPUT = "export"
 
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="folder to write (default: %(default)s)")
     args = parser.parse_args(argv)
-    tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
+    cli.use_tracking_store()
     try:
         info = registry.export_production(Path(args.output))
     except registry.PromotionError as exc:

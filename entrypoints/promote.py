@@ -8,12 +8,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import mlflow
 
-from fmnist_pyfunc import cli, config, data, registry, tracking
+from fmnist_pyfunc import cli, config, data, registry
 
 
 def report(decision: registry.Decision) -> None:
@@ -34,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         dataset = data.load()
     except data.DataError as exc:
         parser.error(str(exc))
-    tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
+    cli.use_tracking_store()
     try:
         run_id = args.run_id or registry.best_run(args.experiment, args.parent_run_id or None)
-        if "MLFLOW_RUN_ID" not in os.environ:
-            mlflow.set_experiment(args.experiment)
+        cli.use_experiment(args.experiment)
         with mlflow.start_run(run_name="promote"):
             mlflow.log_params({"candidate_run_id": run_id, "force_promotion": args.force})
             decision = registry.promote(run_id, dataset, force=args.force)

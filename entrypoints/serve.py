@@ -17,7 +17,7 @@ import mlflow
 import uvicorn
 from mlflow.exceptions import MlflowException
 
-from fmnist_pyfunc import config, servers, serving, tracking
+from fmnist_pyfunc import cli, config, servers, serving
 from fmnist_pyfunc.preprocessing import MAX_BODY_BYTES
 
 DEFAULT_HOST = servers.LOOPBACK  # exposing the server is a decision, made with --host
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.max_body_bytes < 1 or not 0 < args.port < 65536:
         parser.error("--workers and --max-body-bytes must be positive, --port in 1..65535")
     os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # our model needs no pickle
-    tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
+    cli.use_tracking_store()
     try:
         model_path = resolve(args.model_uri)
     except (MlflowException, OSError) as exc:

@@ -9,7 +9,6 @@ Interrupt it (Ctrl-C) and start it again with the same --study: it continues whe
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import mlflow
@@ -19,7 +18,7 @@ import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 
 from entrypoints.promote import report
-from fmnist_pyfunc import cli, config, data, registry, sweep, tracking
+from fmnist_pyfunc import cli, config, data, registry, sweep
 
 # What a dead PostgreSQL (Optuna's storage) or tracking server surfaces as, from Optuna, SQLAlchemy or MLflow.
 LOST_BACKEND_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
@@ -50,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = data.load()
     except data.DataError as exc:
         parser.error(str(exc))
-    tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
-    if "MLFLOW_RUN_ID" not in os.environ:
-        mlflow.set_experiment(args.experiment)
+    cli.use_tracking_store()
+    cli.use_experiment(args.experiment)
     try:
         return sweep_and_promote(args, dataset)
     except LOST_BACKEND_ERRORS as exc:

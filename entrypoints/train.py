@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import mlflow
@@ -25,9 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = data.load()  # before any run exists: a data problem leaves nothing half-written
     except (ValueError, data.DataError) as exc:
         parser.error(str(exc))
-    tracking.set_tracking_uri_default(config.DEFAULT_TRACKING_URI)
-    if "MLFLOW_RUN_ID" not in os.environ:  # under `mlflow run` the run (and its experiment) exists already
-        mlflow.set_experiment(args.experiment)
+    cli.use_tracking_store()
+    cli.use_experiment(args.experiment)
     run_id = tracking.run_training(cfg, dataset)
     test_accuracy = mlflow.get_run(run_id).data.metrics["test_accuracy"]
     print(f"run {run_id}: test_accuracy={test_accuracy:.4f} (tracking: {mlflow.get_tracking_uri()})")

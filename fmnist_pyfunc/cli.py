@@ -1,10 +1,15 @@
-"""Shared argparse helpers: every training parameter becomes a flag whose default is TRAIN_DEFAULTS'."""
+"""What every entry point shares: argparse helpers (each training parameter a flag whose default is
+TRAIN_DEFAULTS') and the MLflow set-up. Light on purpose: the scoring server imports it, so it must not pull
+in training code (torch's training loop, tqdm, optuna, matplotlib are not in the image)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from fmnist_pyfunc.config import ARCHS, AUGMENTS, DEVICES, EXPERIMENT_NAME, TRAIN_DEFAULTS
+import mlflow
+
+from fmnist_pyfunc.config import ARCHS, AUGMENTS, DEFAULT_TRACKING_URI, DEVICES, EXPERIMENT_NAME, TRAIN_DEFAULTS
 
 CHOICES = {"arch": ARCHS, "augment": AUGMENTS, "device": DEVICES}
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
@@ -35,3 +40,15 @@ def add_experiment_argument(parser: argparse.ArgumentParser) -> None:
 
 def training_config(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in TRAIN_DEFAULTS}
+
+
+def use_tracking_store() -> None:
+    """Honour MLFLOW_TRACKING_URI; otherwise use the project's local SQLite store."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+
+
+def use_experiment(name: str) -> None:
+    """Log to experiment `name`, unless `mlflow run` already opened the run (and chose its experiment)."""
+    if "MLFLOW_RUN_ID" not in os.environ:
+        mlflow.set_experiment(name)

@@ -41,6 +41,13 @@ EXPERIMENT_NAME = "fashion-mnist"
 REGISTERED_MODEL_NAME = "fashion-mnist-cnn"
 PRODUCTION_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}/Production"  # what serving loads by default
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+# Where the servers listen, on the host and in the image alike. The Makefile, Dockerfile and compose file
+# spell these again; tests/test_ship.py checks that they agree.
+LOOPBACK = "127.0.0.1"   # every server binds here unless told otherwise: exposing one is a decision
+MLFLOW_UI_PORT = 5000    # MLflow's own default, for `mlflow ui` and the team tracking server
+SCORING_PORT = 5001      # the scoring server (/invocations), beside MLflow's UI
+UI_PORT = 8000           # the upload UI
 SELECTION_METRIC = "best_val_accuracy"  # what the sweep optimises and promote ranks by; never test data
 MODEL_URI_TAG = "model_uri"  # run tag: MLflow 3 keeps logged models outside the run's artifacts
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import requests
 
+from fmnist_pyfunc.config import LOOPBACK, SCORING_PORT, UI_PORT  # noqa: F401  (servers.X for callers)
+
 BIN = Path(sys.executable).parent
-LOOPBACK = "127.0.0.1"
-SCORING_PORT = 5001      # the scoring server's default, beside the MLflow UI's 5000 (the Makefile's SCORING_PORT)
 STARTUP_TIMEOUT_S = 180  # a cold start imports torch and MLflow and downloads the model: ~10 s, slow disks more
 STOP_TIMEOUT_S = 20      # SIGTERM grace before SIGKILL (docker stop waits 10 s by default)
 POLL_S = 0.5

@@ -6,7 +6,6 @@ Shared by the `train` entry point and every sweep trial, so both log exactly the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 from collections.abc import Callable
@@ -37,12 +36,6 @@ def git_commit() -> str:
         return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def set_tracking_uri_default(default: str) -> None:
-    """Honour MLFLOW_TRACKING_URI; otherwise use the project's local SQLite store."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(default)
 
 
 def input_example(dataset: fdata.FashionMNIST) -> pd.DataFrame:

@@ -39,10 +39,12 @@ def test_cli_defaults_are_train_defaults():
 
 
 def test_conda_env_pins_the_same_packages_as_pyproject():
+    """conda.yaml (what `mlflow run` builds without --env-manager local) pins pyproject's serving and
+    training packages, no more, no fewer."""
     conda = yaml.safe_load((REPO / "conda.yaml").read_text())
     pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert sorted(pip_deps) == sorted(project)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert sorted(pip_deps) == sorted(project["dependencies"] + project["optional-dependencies"]["train"])
 
 
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"arch": "resnet"}, {"batch_size": 0}, {"lr": 0.0},

@@ -7,13 +7,14 @@ import re
 import signal
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import requests
 import yaml
 from conftest import BIN, REPO, project_env
 
-from fmnist_pyfunc import registry
+from fmnist_pyfunc import config, registry
 from fmnist_pyfunc.preprocessing import png_base64
 from fmnist_pyfunc.servers import free_port, wait_until_up
 
@@ -44,20 +45,92 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 def test_build_context_is_exactly_what_the_dockerfile_copies():
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
-    copies = re.findall(r"^COPY (?:--chown=\S+ )?(?!--from)(\S+)", (REPO / "Dockerfile").read_text(), re.M)
+    copy_lines = re.findall(r"^COPY (?:--chown=\S+ )?(?!--from)(.+)$", (REPO / "Dockerfile").read_text(), re.M)
+    copies = [source for line in copy_lines for source in line.split()[:-1]]  # the last word is the target
     assert copies, "no COPY found"
     for source in copies:
         assert not _ignored(source.rstrip("/"), patterns), f"{source} is copied but ignored"
+    allowed = [p[1:].rstrip("/") for p in patterns if p.startswith("!")]
+    for source in re.findall(r"--mount=type=bind,source=([^,\s]+)", (REPO / "Dockerfile").read_text()):
+        assert any(path == source or path.startswith(source + "/") for path in allowed), f"{source}: mounted, empty"
     for path in NEVER_IN_IMAGE:
         assert _ignored(path, patterns), f"{path} would be sent to the Docker build"
 
 
 def test_compose_runs_both_services_from_the_export():
+    """compose's scoring service serves the export, the UI waits for it and calls it on the scoring port."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     scoring = compose["scoring"]["entrypoint"]
     assert "entrypoints.serve" in scoring and "export/model" in scoring
-    assert compose["ui"]["environment"]["FMNIST_SCORING_URL"].endswith(":8000")
+    assert compose["ui"]["environment"]["FMNIST_SCORING_URL"].endswith(f":{config.SCORING_PORT}")
     assert compose["ui"]["depends_on"]["scoring"]["condition"] == "service_healthy"
+
+
+def test_compose_publishes_on_loopback_and_writes_no_password():
+    """Every published port binds 127.0.0.1 unless HOST_IP says otherwise; the database publishes none;
+    the password comes from the environment (.env), never from the file."""
+    text = (REPO / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)["services"]
+    for name, service in compose.items():
+        for port in service.get("ports", []):
+            assert port.startswith("${HOST_IP:-127.0.0.1}:"), (name, port)
+    assert "ports" not in compose["postgres"]
+    assert compose["postgres"]["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    assert "mlflow:mlflow@" not in text
+
+
+def _makefile_default(name: str) -> str:
+    return re.search(rf"^{name}\s*\?=\s*(\S+)", (REPO / "Makefile").read_text(), re.M).group(1)
+
+
+def test_one_port_convention_everywhere():
+    """Scoring server 5001 and UI 8000 (config.py) on the host and in the image: Makefile, Dockerfile,
+    the image's entrypoint, compose and the UI's default upstream all say the same."""
+    from entrypoints import container
+    from webui import app
+
+    assert (config.SCORING_PORT, config.UI_PORT, config.MLFLOW_UI_PORT) == (5001, 8000, 5000)
+    assert _makefile_default("SCORING_PORT") == str(config.SCORING_PORT)
+    assert _makefile_default("UI_PORT") == str(config.UI_PORT)
+    assert _makefile_default("MLFLOW_UI_PORT") == str(config.MLFLOW_UI_PORT)
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert re.search(r"^EXPOSE (.+)$", dockerfile, re.M).group(1).split() == [str(config.SCORING_PORT),
+                                                                               str(config.UI_PORT)]
+    assert f"127.0.0.1:{config.UI_PORT}/health" in dockerfile
+    defaults = container.parser().parse_args([])
+    assert (defaults.scoring_port, defaults.ui_port) == (config.SCORING_PORT, config.UI_PORT)
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert compose["scoring"]["ports"][0].endswith(f":{config.SCORING_PORT}")
+    assert compose["ui"]["ports"][0].endswith(f":{config.UI_PORT}")
+    assert app.DEFAULT_SCORING_URL.endswith(f":{config.SCORING_PORT}")
+
+
+def test_image_installs_exactly_pyprojects_dependencies():
+    """The image's package list is pyproject's [project] dependencies (container/requirements.py), which
+    hold no training-only package: the Dockerfile keeps no list of its own."""
+    listed = subprocess.run([sys.executable, "container/requirements.py", "pyproject.toml"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert listed == project["dependencies"]
+    assert not {"tqdm", "optuna", "torchvision", "matplotlib"} & {d.split("==")[0] for d in listed}
+    assert not re.search(r"\w==\d", (REPO / "Dockerfile").read_text()), "the Dockerfile pins a version itself"
+
+
+SERVING_MODULES = ("entrypoints.container", "entrypoints.serve", "entrypoints.export", "fmnist_pyfunc.serving",
+                   "fmnist_pyfunc.pyfunc_model", "webui.app")
+
+
+def test_serving_imports_no_training_code():
+    """What the image runs imports nothing of training (its loop, tqdm, optuna, torchvision, matplotlib's
+    reports), so the image, which lacks those packages, starts."""
+    script = (f"import importlib, sys\nfor m in {SERVING_MODULES!r}: importlib.import_module(m)\n"
+              "print(' '.join(sorted(sys.modules)))")
+    loaded = set(subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.split())
+    # (not tqdm: MLflow imports it when present; the image test shows the image starts without it)
+    training = {"fmnist_pyfunc.training", "fmnist_pyfunc.tracking", "fmnist_pyfunc.sweep", "fmnist_pyfunc.reporting",
+                "fmnist_pyfunc.augment", "optuna", "torchvision"}
+    assert not loaded & training
 
 
 @pytest.mark.e2e
@@ -98,6 +171,7 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
 def test_compose_team_profile_runs_a_tracking_server_on_postgres():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     tracking = compose["tracking"]
-    assert tracking["profiles"] == ["team"] and "postgresql://" in " ".join(tracking["entrypoint"])
-    assert "--artifacts-destination" in tracking["entrypoint"]
+    command = " ".join(tracking["entrypoint"])
+    assert tracking["profiles"] == ["team"] and "postgresql://" in command
+    assert "--artifacts-destination" in command
     assert tracking["depends_on"]["postgres"]["condition"] == "service_healthy"
