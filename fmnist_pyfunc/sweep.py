@@ -99,7 +99,9 @@ def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
                                                  grace_period=GRACE_SECONDS,
                                                  heartbeat_stale_trial_callback=_mark_killed)
             break
-        except sqlalchemy.exc.IntegrityError:  # workers started together race to create the tables
+        # Workers started together race to create the schema: PostgreSQL reports the loser as a duplicate row
+        # (IntegrityError) or, when both CREATE TABLE at once, as DuplicateTable (a ProgrammingError).
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             if attempt == STORAGE_CREATE_ATTEMPTS - 1:
                 raise
             time.sleep(1 + attempt)

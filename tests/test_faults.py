@@ -8,11 +8,13 @@ import sys
 import warnings
 
 import mlflow
+import optuna
 import pytest
 import requests
+import sqlalchemy
 from conftest import TINY_TRAIN, mlflow_run, project_env
 
-from fmnist_pyfunc import config, data, registry, servers
+from fmnist_pyfunc import config, data, registry, servers, sweep
 from fmnist_pyfunc.preprocessing import png_base64
 
 pytestmark = pytest.mark.e2e
@@ -142,3 +144,21 @@ def test_a_broken_dataset_is_reported_before_any_run(tracking_uri, tmp_path, dat
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and victim.name in result.stderr and "Traceback" not in result.stderr
     assert mlflow.get_experiment_by_name(f"broken-{damage}") is None
+
+
+@pytest.mark.parametrize("error", [sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError])
+def test_a_worker_that_loses_the_schema_creation_race_retries(tmp_path, monkeypatch, error):
+    """Two workers opening a fresh shared study at once: the one whose CREATE TABLE loses (PostgreSQL reports a
+    duplicate row or DuplicateTable) retries and opens the study the winner created, instead of failing."""
+    calls = []
+
+    class LosesOnce(optuna.storages.RDBStorage):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 1:
+                raise error("CREATE TABLE studies", {}, Exception('relation "studies" already exists'))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", LosesOnce)
+    study = sweep.open_study("race", f"sqlite:///{tmp_path}/optuna.db", seed=0)
+    assert study.study_name == "race" and len(calls) == 2
