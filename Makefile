@@ -19,10 +19,10 @@ UI_PORT      ?= 8000
 SWEEP_PRESET ?= default
 EXPORT_DIR   ?= export
 HOST         ?= 127.0.0.1
-MODEL_URI    ?= models:/fashion-mnist-cnn/Production
+MODEL_URI    ?=# empty: entrypoints/serve.py's default, the Production model
 export FMNIST_SCORING_URL ?= http://127.0.0.1:$(SCORING_PORT)
 
-# The image (see README, "Container"): docker when its daemon runs, else podman. OFFLINE=1 where builds reach no
+# The image (see docs/container.md): docker when its daemon runs, else podman. OFFLINE=1 where builds reach no
 # package index: a wheelhouse from the host's pip and, if the engine lacks python:3.11-slim, a base from Debian.
 IMAGE        ?= fmnist:latest
 ENGINE       ?= auto
@@ -76,18 +76,18 @@ run: train promote serve-all
 # The scoring server (/invocations, /ping, /version) for the Production model: MLflow's scoring app with a
 # request body limit (entrypoints/serve.py); it loads without pickle.
 serve: install
-	python -m entrypoints.serve --model-uri $(MODEL_URI) --host $(HOST) --port $(SCORING_PORT)
+	python -m entrypoints.serve $(if $(MODEL_URI),--model-uri $(MODEL_URI)) --host $(HOST) --port $(SCORING_PORT)
 
 # The upload UI; it proxies predictions to $(FMNIST_SCORING_URL).
 ui: install
-	gunicorn --workers 2 --threads 4 --bind $(HOST):$(UI_PORT) 'webui.app:create_app()'
+	python -m entrypoints.ui --host $(HOST) --port $(UI_PORT)
 
 serve-all:
 	@echo "scoring server: http://$(HOST):$(SCORING_PORT)/invocations   web UI: http://$(HOST):$(UI_PORT)/"
 	@echo "(MLflow UI: make mlflow-ui -> http://$(HOST):$(MLFLOW_UI_PORT)/ ; Ctrl-C stops both servers)"
 	$(MAKE) -j2 serve ui
 
-# Team mode: a shared tracking server on PostgreSQL, artifacts served through it (see README, "Team mode").
+# Team mode: a shared tracking server on PostgreSQL, artifacts served through it (see docs/team.md).
 TRACKING_DB_URI ?= postgresql://mlflow@127.0.0.1:5432/mlflow
 ARTIFACTS_DESTINATION ?= $(CURDIR)/mlartifacts
 tracking-server: install

@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from fmnist_pyfunc import config, data, preprocessing, servers
+from fmnist_pyfunc import config, data, preprocessing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import harness  # noqa: E402  (tests/harness.py: starting and stopping the servers)
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_DURATION_S = 60.0
@@ -98,7 +101,7 @@ def run_load(scoring_url: str, ui_url: str, dataset: data.FashionMNIST, concurre
     deadline = start + duration_s
 
     def worker(index: int) -> None:
-        session = servers.ui_session(ui_url)  # the page's CSRF cookie and token, for the form uploads
+        session = harness.ui_session(ui_url)  # the page's CSRF cookie and token, for the form uploads
         urls = {"scoring": scoring_url, "ui": ui_url}
         position = index  # threads start at different places in the mix
         while time.perf_counter() < deadline:
@@ -128,10 +131,10 @@ def run_load(scoring_url: str, ui_url: str, dataset: data.FashionMNIST, concurre
     for thread in threads:
         thread.start()
     time.sleep(duration_s * WARMUP_FRACTION)
-    memory_before = {target: servers.rss_bytes(pid) for target, pid in pids.items()}
+    memory_before = {target: harness.rss_bytes(pid) for target, pid in pids.items()}
     for thread in threads:
         thread.join()
-    memory_after = {target: servers.rss_bytes(pid) for target, pid in pids.items()}
+    memory_after = {target: harness.rss_bytes(pid) for target, pid in pids.items()}
     elapsed = time.perf_counter() - start
     return {"tallies": tallies, "elapsed_s": elapsed,
             "memory": {t: (memory_before[t], memory_after[t]) for t in pids}}
@@ -166,20 +169,20 @@ def main() -> int:
     args = parser.parse_args()
     dataset = data.load(download=False)
     logs = Path(tempfile.mkdtemp(prefix="fmnist-load-"))
-    port, ui_port = servers.free_port(), servers.free_port()
+    port, ui_port = harness.free_port(), harness.free_port()
     scoring_url, ui_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
-    scoring = servers.start(servers.scoring_command(args.model_uri, servers.LOOPBACK, port), servers.child_env(),
+    scoring = harness.start(harness.scoring_command(args.model_uri, config.LOOPBACK, port), harness.child_env(),
                             f"{scoring_url}/ping", logs / "serve.log")
-    ui = servers.start(servers.ui_command(servers.LOOPBACK, ui_port, workers=1),
-                       servers.child_env(FMNIST_SCORING_URL=scoring_url), f"{ui_url}/health", logs / "ui.log")
+    ui = harness.start(harness.ui_command(config.LOOPBACK, ui_port, workers=1),
+                       harness.child_env(FMNIST_SCORING_URL=scoring_url), f"{ui_url}/health", logs / "ui.log")
     try:
         print(f"model {args.model_uri}; concurrency {args.concurrency} for {args.duration_s:.0f} s; "
               f"{os.cpu_count()} CPU cores; server logs in {logs}")
         result = run_load(scoring_url, ui_url, dataset, args.concurrency, args.duration_s,
                           {"scoring": scoring.pid, "ui": ui.pid})
     finally:
-        servers.stop(ui)
-        servers.stop(scoring)
+        harness.stop(ui)
+        harness.stop(scoring)
     print(report(result))
     failed = [t for t, tally in result["tallies"].items() if tally.good_errors or tally.bad_wrong
               or memory_growth(result, t) > MEMORY_GROWTH_LIMIT]

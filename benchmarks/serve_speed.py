@@ -10,6 +10,11 @@ on real test images:
     python benchmarks/serve_speed.py                      # the Production model of MLFLOW_TRACKING_URI
     python benchmarks/serve_speed.py --model-uri models:/fashion-mnist-cnn@champion --requests 500
     python benchmarks/serve_speed.py --plain-mlflow       # baseline: `mlflow models serve`, without the guards
+    python benchmarks/serve_speed.py --swap               # single-image latency while promotions are followed
+
+--swap trains two tiny versions into a throwaway registry, then times single raw-image requests, in one run:
+plain `mlflow models serve` (the baseline), entrypoints.serve in steady state, and entrypoints.serve while
+Production flips between the two versions every --swap-every-s seconds (each flip followed by the server).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +30,16 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import requests
 
-from fmnist_pyfunc import config, data, preprocessing, servers
+from fmnist_pyfunc import config, data, preprocessing
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import harness  # noqa: E402  (tests/harness.py: starting and stopping the servers)
 
 BATCH_SIZES = (1, 32, 256)
+TINY = {"epochs": 1, "max_train_samples": 2000, "width": 32, "val_size": 500}  # the default width: real latency
+SWAP_FOLLOW_S = 0.5
 
 
 def percentiles(samples: list[float]) -> str:
@@ -45,6 +57,79 @@ def time_calls(call, n: int) -> list[float]:
     return times
 
 
+def tiny_registry(ds: data.FashionMNIST) -> tuple[str, list[str]]:
+    """A throwaway tracking store with two registered versions of the model, the first in Production."""
+    from fmnist_pyfunc import tracking
+
+    uri = f"sqlite:///{tempfile.mkdtemp(prefix='fmnist-swap-')}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    versions = []
+    for seed in (0, 1):
+        run_id = tracking.run_training(config.validate({**TINY, "seed": seed}), ds, progress=False)
+        model_uri = mlflow.get_run(run_id).data.tags[config.MODEL_URI_TAG]
+        versions.append(str(mlflow.register_model(model_uri, config.REGISTERED_MODEL_NAME).version))
+    promote_version(versions[0])
+    return uri, versions
+
+
+def promote_version(version: str) -> None:
+    from fmnist_pyfunc import registry
+
+    client = mlflow.MlflowClient()
+    with registry.stages_quietly():
+        client.transition_model_version_stage(config.REGISTERED_MODEL_NAME, version, "Production",
+                                              archive_existing_versions=True)
+
+
+def swap_benchmark(args, ds: data.FashionMNIST) -> None:
+    uri, versions = tiny_registry(ds)
+    body = {"dataframe_records": [{"pixels": ds.test_images[0].tolist()}]}
+    logs = Path(tempfile.mkdtemp(prefix="fmnist-swap-logs-"))
+    print(f"{os.cpu_count()} CPU cores; single raw image, {args.requests} requests per phase; tiny width-32 model")
+    results, swaps = {}, 0
+    for plain in (True, False):
+        port = harness.free_port()
+        if plain:
+            command = ["mlflow", "models", "serve", "-m", config.PRODUCTION_MODEL_URI, "--env-manager", "local",
+                       "-h", config.LOOPBACK, "-p", str(port)]
+        else:
+            command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port)
+            command += ["--follow-interval-s", str(SWAP_FOLLOW_S)]
+        server = harness.start(command, harness.child_env(MLFLOW_TRACKING_URI=uri), f"http://127.0.0.1:{port}/ping",
+                               logs / f"{port}.log")
+        try:
+            session, url = requests.Session(), f"http://127.0.0.1:{port}/invocations"
+            steady = time_calls(lambda s=session, u=url: s.post(u, json=body, timeout=60).raise_for_status(),
+                                args.requests)
+            results["plain mlflow models serve" if plain else "entrypoints.serve, steady"] = steady
+            if not plain:
+                results["entrypoints.serve, during swaps"], swaps = during_swaps(session, url, body, versions, args)
+        finally:
+            harness.stop(server)
+    baseline = np.median(results["plain mlflow models serve"])
+    for name, samples in results.items():
+        print(f"{name:32s} {percentiles(samples)} | p50 x{np.median(samples) / baseline:.2f} of plain MLflow")
+    print(f"the client saw the served version switch {swaps} times during the last phase; every request got 200")
+
+
+def during_swaps(session, url: str, body: dict, versions: list[str], args) -> tuple[list[float], int]:
+    """Time requests while Production flips every --swap-every-s; every answer must succeed. Returns the
+    times and how many switches of X-Model-Version the client saw (the server followed each promotion)."""
+    times, answered, target = [], [], 1
+    next_swap, promotions = time.perf_counter(), 0
+    while len(times) < args.requests or promotions < 2:
+        if time.perf_counter() >= next_swap:
+            promote_version(versions[target])
+            target, promotions, next_swap = 1 - target, promotions + 1, time.perf_counter() + args.swap_every_s
+        start = time.perf_counter()
+        response = session.post(url, json=body, timeout=60)
+        times.append(time.perf_counter() - start)
+        response.raise_for_status()
+        answered.append(response.headers["X-Model-Version"])
+    return times, sum(a != b for a, b in zip(answered, answered[1:], strict=False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", default=config.PRODUCTION_MODEL_URI,
@@ -54,24 +139,30 @@ def main() -> None:
     parser.add_argument("--batch-repeats", type=int, default=10, help="requests per batch size (default: %(default)s)")
     parser.add_argument("--plain-mlflow", action="store_true",
                         help="serve with plain `mlflow models serve` instead of entrypoints.serve (default: off)")
+    parser.add_argument("--swap", action="store_true",
+                        help="latency while the server follows promotions, against steady state (default: off)")
+    parser.add_argument("--swap-every-s", type=float, default=1.0,
+                        help="--swap: seconds between promotions (default: %(default)s)")
     args = parser.parse_args()
     ds = data.load(download=False)
+    if args.swap:
+        return swap_benchmark(args, ds)
     images = ds.test_images[:256]
     raw = [{"pixels": img.tolist()} for img in images]
     png = [{"image": preprocessing.png_base64(img)} for img in images]
 
-    port, ui_port = servers.free_port(), servers.free_port()
+    port, ui_port = harness.free_port(), harness.free_port()
     logs = Path(tempfile.mkdtemp(prefix="fmnist-serve-speed-"))
-    scoring = servers.scoring_command(args.model_uri, servers.LOOPBACK, port)
+    scoring = harness.scoring_command(args.model_uri, config.LOOPBACK, port)
     if args.plain_mlflow:
         scoring = ["mlflow", "models", "serve", "-m", args.model_uri, "--env-manager", "local",
-                   "-h", servers.LOOPBACK, "-p", str(port)]
-    server = servers.start(scoring, servers.child_env(), f"http://127.0.0.1:{port}/ping", logs / "serve.log")
-    ui = servers.start(servers.ui_command(servers.LOOPBACK, ui_port, workers=1),
-                       servers.child_env(FMNIST_SCORING_URL=f"http://127.0.0.1:{port}"),
+                   "-h", config.LOOPBACK, "-p", str(port)]
+    server = harness.start(scoring, harness.child_env(), f"http://127.0.0.1:{port}/ping", logs / "serve.log")
+    ui = harness.start(harness.ui_command(config.LOOPBACK, ui_port, workers=1),
+                       harness.child_env(FMNIST_SCORING_URL=f"http://127.0.0.1:{port}"),
                        f"http://127.0.0.1:{ui_port}/health", logs / "ui.log")
     try:
-        session = servers.ui_session(f"http://127.0.0.1:{ui_port}")  # as a browser: with the CSRF token
+        session = harness.ui_session(f"http://127.0.0.1:{ui_port}")  # as a browser: with the CSRF token
         url = f"http://127.0.0.1:{port}/invocations"
         model = mlflow.pyfunc.load_model(args.model_uri)
 
@@ -100,8 +191,8 @@ def main() -> None:
                 print(f"batch {batch:3d} {name:10s}  HTTP {batch / np.median(http):8.0f} img/s | in-process "
                       f"{batch / np.median(local):8.0f} img/s | overhead x{np.median(http) / np.median(local):.1f}")
     finally:
-        servers.stop(ui)
-        servers.stop(server)
+        harness.stop(ui)
+        harness.stop(server)
 
 
 if __name__ == "__main__":

@@ -79,8 +79,8 @@ def main() -> None:
     cfg = {**config.TRAIN_DEFAULTS, "epochs": args.epochs, "augment": "flip"}
     ds = data.load()
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg["val_size"], cfg["seed"])
-    x_val, y_val = augment.to_tensor(ds.train_images[val_idx]), torch.from_numpy(ds.train_labels[val_idx])
-    x_train, y_train = augment.to_tensor(ds.train_images[train_idx]), torch.from_numpy(ds.train_labels[train_idx])
+    x_val, y_val = models.normalize(ds.train_images[val_idx]), torch.from_numpy(ds.train_labels[val_idx])
+    x_train, y_train = models.normalize(ds.train_images[train_idx]), torch.from_numpy(ds.train_labels[train_idx])
     batch, steps = cfg["batch_size"], len(train_idx) // cfg["batch_size"]
     generator = torch.Generator().manual_seed(cfg["seed"])
 

@@ -27,7 +27,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build  # noqa: E402  (container/build.py: the engine and its settings)
 
-from fmnist_pyfunc import config, data, servers  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import harness  # noqa: E402  (tests/harness.py: a browser-like UI client)
+
+from fmnist_pyfunc import config, data  # noqa: E402
 from fmnist_pyfunc.preprocessing import png_base64  # noqa: E402
 
 N_IMAGES = 16            # real test images per input kind: the UI's per-request limit
@@ -101,7 +104,7 @@ def ui_api_classes(url: str, records: list[dict]) -> list[int]:
 def ui_form_classes(url: str, records: list[dict]) -> list[int]:
     files = [("files", (f"{i}.img", base64.b64decode(r["image"]), "application/octet-stream"))
              for i, r in enumerate(records)]
-    response = servers.ui_session(url).post(f"{url}/predict", files=files, timeout=REQUEST_TIMEOUT_S)
+    response = harness.ui_session(url).post(f"{url}/predict", files=files, timeout=REQUEST_TIMEOUT_S)
     response.raise_for_status()
     return [r["class_index"] for r in response.json()["results"]]
 
@@ -134,14 +137,14 @@ class Container:
 
 
 def check_image(engine: list[str], env: dict, tag: str, records: dict, expected: dict) -> dict:
-    scoring_port, ui_port = servers.free_port(), servers.free_port()
+    scoring_port, ui_port = harness.free_port(), harness.free_port()
     container = Container(engine, env, f"fmnist-smoke-{os.getpid()}")
     health_flags = ["--health-interval", f"{HEALTH_POLL_S}s"] if engine[0] == "docker" else []
     started = time.monotonic()
     container("run", "--detach", "--name", container.name, "--read-only", "--tmpfs", "/tmp", *health_flags,
-              "-p", f"{servers.LOOPBACK}:{scoring_port}:{config.SCORING_PORT}",
-              "-p", f"{servers.LOOPBACK}:{ui_port}:{config.UI_PORT}", tag)
-    scoring_url, ui_url = f"http://{servers.LOOPBACK}:{scoring_port}", f"http://{servers.LOOPBACK}:{ui_port}"
+              "-p", f"{config.LOOPBACK}:{scoring_port}:{config.SCORING_PORT}",
+              "-p", f"{config.LOOPBACK}:{ui_port}:{config.UI_PORT}", tag)
+    scoring_url, ui_url = f"http://{config.LOOPBACK}:{scoring_port}", f"http://{config.LOOPBACK}:{ui_port}"
     try:
         wait_for(lambda: scoring_classes(scoring_url, records["pixels"][:1]) is not None, "a first prediction")
         cold_start = time.monotonic() - started
@@ -171,17 +174,17 @@ def compose_command(engine: list[str]) -> list[str]:
 
 def check_compose(engine: list[str], env: dict, tag: str, records: dict, expected: dict) -> None:
     """The compose file's scoring and ui services, from this image, answer through their published ports."""
-    scoring_port, ui_port = servers.free_port(), servers.free_port()
+    scoring_port, ui_port = harness.free_port(), harness.free_port()
     project = f"fmnist-smoke-{os.getpid()}"
     compose_env = dict(env, FMNIST_IMAGE=tag, SCORING_PORT=str(scoring_port), UI_PORT=str(ui_port))
     compose = [*compose_command(engine), "--project-name", project, "--file", str(COMPOSE_FILE)]
     subprocess.run([*compose, "up", "--detach", "scoring", "ui"], env=compose_env, check=True,
                    capture_output=True, text=True)
     try:
-        ui_url = f"http://{servers.LOOPBACK}:{ui_port}"
+        ui_url = f"http://{config.LOOPBACK}:{ui_port}"
         wait_for(lambda: requests.get(f"{ui_url}/health", timeout=5).status_code == 200, "compose: UI healthy")
         check(ui_api_classes(ui_url, records["png"]) == expected["png"], "compose: ui -> scoring, in-process classes")
-        scoring_url = f"http://{servers.LOOPBACK}:{scoring_port}"
+        scoring_url = f"http://{config.LOOPBACK}:{scoring_port}"
         check(scoring_classes(scoring_url, records["pixels"]) == expected["pixels"], "compose: scoring service")
     except (CheckFailed, requests.RequestException):
         print(subprocess.run([*compose, "logs"], env=compose_env, capture_output=True, text=True).stdout[-3000:],

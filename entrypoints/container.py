@@ -9,24 +9,36 @@ policy takes over.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from fmnist_pyfunc import servers
-from fmnist_pyfunc.registry import EXPORT_INFO_FILE, EXPORT_MODEL_DIR
+from fmnist_pyfunc import config
+from fmnist_pyfunc.registry import EXPORT_MODEL_DIR
+
+POLL_S = 0.5
+STOP_TIMEOUT_S = 20   # SIGTERM grace per child before SIGKILL (docker stop waits 10 s, then kills us anyway)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    try:
+        child.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", type=Path, default=Path("export"), help="exported folder (default: %(default)s)")
-    parser.add_argument("--host", default=servers.LOOPBACK,
+    parser.add_argument("--host", default=config.LOOPBACK,
                         help="bind address; 0.0.0.0 in a container (default: %(default)s)")
-    parser.add_argument("--scoring-port", type=int, default=servers.SCORING_PORT,
+    parser.add_argument("--scoring-port", type=int, default=config.SCORING_PORT,
                         help="scoring server port (default: %(default)s)")
-    parser.add_argument("--ui-port", type=int, default=servers.UI_PORT, help="web UI port (default: %(default)s)")
+    parser.add_argument("--ui-port", type=int, default=config.UI_PORT, help="web UI port (default: %(default)s)")
     parser.add_argument("--ui-workers", type=int, default=2, help="gunicorn workers (default: %(default)s)")
     return parser
 
@@ -36,11 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     args = cli.parse_args(argv)
     if not (args.export / EXPORT_MODEL_DIR / "MLmodel").is_file():
         cli.error(f"{args.export / EXPORT_MODEL_DIR} holds no MLflow model: run `make export` first")
-    env = servers.child_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
-                            FMNIST_SCORING_URL=f"http://{servers.LOOPBACK}:{args.scoring_port}",
-                            FMNIST_MODEL_INFO=str((args.export / EXPORT_INFO_FILE).resolve()))
-    commands = [servers.scoring_command(str(args.export / EXPORT_MODEL_DIR), args.host, args.scoring_port),
-                servers.ui_command(args.host, args.ui_port, args.ui_workers)]
+    env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
+               FMNIST_SCORING_URL=f"http://{config.LOOPBACK}:{args.scoring_port}")
+    python = [sys.executable, "-m"]
+    commands = [python + ["entrypoints.serve", "--model-uri", str(args.export / EXPORT_MODEL_DIR),
+                          "--host", args.host, "--port", str(args.scoring_port)],
+                python + ["entrypoints.ui", "--host", args.host, "--port", str(args.ui_port),
+                          "--workers", str(args.ui_workers)]]
     children = [subprocess.Popen(command, env=env) for command in commands]
     stopping = False
 
@@ -53,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scoring server http://{args.host}:{args.scoring_port}/invocations  web UI http://{args.host}:{args.ui_port}/",
           flush=True)
     while not stopping and all(child.poll() is None for child in children):
-        time.sleep(servers.POLL_S)
+        time.sleep(POLL_S)
     for child in children:
         if child.poll() is None:
             child.terminate()
     for child in children:
-        servers.stop(child)
+        _stop(child)
     return 0 if stopping else 1
 
 

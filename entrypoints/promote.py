@@ -12,12 +12,7 @@ import sys
 
 import mlflow
 
-from fmnist_pyfunc import cli, config, data, registry
-
-
-def report(decision: registry.Decision) -> None:
-    verdict = "PROMOTED to Production (alias champion)" if decision.promoted else "NOT promoted"
-    print(f"{config.REGISTERED_MODEL_NAME} v{decision.version}: {verdict}: {decision.reason}")
+from fmnist_pyfunc import cli, data, registry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             registry.log_decision(decision)
     except registry.PromotionError as exc:
         parser.error(str(exc))
-    report(decision)
+    print(decision.summary())
     return 0
 
 

@@ -17,12 +17,19 @@ import requests
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 
-from entrypoints.promote import report
 from fmnist_pyfunc import cli, config, data, registry, sweep
 
-# What a dead PostgreSQL (Optuna's storage) or tracking server surfaces as, from Optuna, SQLAlchemy or MLflow.
+# What a dead PostgreSQL (Optuna's storage) or tracking server surfaces as, from Optuna, SQLAlchemy or requests.
 LOST_BACKEND_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
-                       optuna.exceptions.StorageInternalError, requests.exceptions.ConnectionError, MlflowException)
+                       optuna.exceptions.StorageInternalError, requests.exceptions.ConnectionError)
+# MLflow's REST client wraps a tracking server it cannot reach, or one that answers 5xx, in an MlflowException
+# whose message starts so; any other MlflowException is a real error, reported as such.
+MLFLOW_REST_FAILURE = "API request to "
+
+
+def lost_backend(exc: Exception) -> bool:
+    return isinstance(exc, LOST_BACKEND_ERRORS) or (
+        isinstance(exc, MlflowException) and str(exc).startswith(MLFLOW_REST_FAILURE))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.use_experiment(args.experiment)
     try:
         return sweep_and_promote(args, dataset)
-    except LOST_BACKEND_ERRORS as exc:
+    except Exception as exc:
+        if not lost_backend(exc):
+            raise
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         print(f"[sweep] lost the study storage or the tracking server: {reason}\n[sweep] every finished trial is "
               "kept; start the same command again once it is back to resume the study", file=sys.stderr)
@@ -73,7 +82,7 @@ def sweep_and_promote(args: argparse.Namespace, dataset: data.FashionMNIST) -> i
         elif args.promote:
             decision = registry.promote(best_run_id, dataset)
             registry.log_decision(decision)
-            report(decision)
+            print(decision.summary())
     return 0
 
 

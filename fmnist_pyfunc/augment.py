@@ -1,4 +1,4 @@
-"""Whole-batch tensor operations on the dataset: normalisation and augmentation, never per image.
+"""Whole-batch augmentation of the training set on its device, never per image.
 
 The whole set (~55 MB as uint8) is held in memory as one tensor; a PIL transform per image in a
 DataLoader is what makes the tutorial pipeline slow.
@@ -6,17 +6,11 @@ DataLoader is what makes the tutorial pipeline slow.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from fmnist_pyfunc.data import IMAGE_SIZE, PIXEL_MEAN, PIXEL_STD
 
 NORMALISED_BLACK = -PIXEL_MEAN / PIXEL_STD
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) on the 0-255 scale -> normalised float32 (N, 1, 28, 28)."""
-    return ((torch.from_numpy(np.ascontiguousarray(images)).float() / 255.0 - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1)
 
 
 MAX_SHIFT_PIXELS = 2  # garments are centred by the dataset's own pipeline; larger shifts hurt accuracy

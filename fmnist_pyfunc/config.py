@@ -48,6 +48,8 @@ LOOPBACK = "127.0.0.1"   # every server binds here unless told otherwise: exposi
 MLFLOW_UI_PORT = 5000    # MLflow's own default, for `mlflow ui` and the team tracking server
 SCORING_PORT = 5001      # the scoring server (/invocations), beside MLflow's UI
 UI_PORT = 8000           # the upload UI
+FOLLOW_INTERVAL_S = 10.0  # the scoring server re-resolves models:/NAME/Production this often: a promotion
+                          # reaches users within this, for one registry call per interval per worker
 SELECTION_METRIC = "best_val_accuracy"  # what the sweep optimises and promote ranks by; never test data
 MODEL_URI_TAG = "model_uri"  # run tag: MLflow 3 keeps logged models outside the run's artifacts
 

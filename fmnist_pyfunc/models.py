@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from torch import nn
 
-from fmnist_pyfunc.data import IMAGE_SIZE, NUM_CLASSES
+from fmnist_pyfunc.data import IMAGE_SIZE, NUM_CLASSES, PIXEL_MEAN, PIXEL_STD
+
+
+def normalize(images: np.ndarray) -> torch.Tensor:
+    """The networks' input, for training, evaluation and serving alike: (N, 28, 28) on the 0-255 scale (uint8
+    or float) -> float32 (N, 1, 28, 28) with the training set's mean 0 and std 1."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).float()
+    return ((pixels / 255.0 - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1)
 
 
 def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:

@@ -21,7 +21,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SIZE = 28
+from fmnist_pyfunc.data import IMAGE_SIZE
+
 PIXEL_MAX = 255.0
 UINT16_MAX = 65535.0
 MAX_BATCH_ROWS = 1024            # rows per request: ~1 s of CPU work, bounds memory per request

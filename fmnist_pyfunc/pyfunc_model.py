@@ -23,8 +23,7 @@ from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
 
 from fmnist_pyfunc import preprocessing
 from fmnist_pyfunc.config import CLASS_NAMES
-from fmnist_pyfunc.data import PIXEL_MEAN, PIXEL_STD
-from fmnist_pyfunc.models import build
+from fmnist_pyfunc.models import build, normalize
 
 WEIGHTS_ARTIFACT = "weights"        # state dict, torch.save format
 CONFIG_ARTIFACT = "model_config"    # JSON: arch, width, depth, dropout, tta
@@ -73,7 +72,7 @@ class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
     @torch.inference_mode()
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 28, 28) on the 0-255 scale -> (N, 10) class probabilities."""
-        x = (torch.from_numpy(batch).unsqueeze(1) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+        x = normalize(batch)
         if self.config["tta"]:
             x = torch.cat([x, x.flip(3)])  # one forward pass for the image and its mirror
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):

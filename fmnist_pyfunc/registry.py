@@ -26,7 +26,7 @@ from mlflow.entities import ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from fmnist_pyfunc import data as fdata
+from fmnist_pyfunc import data
 from fmnist_pyfunc.config import MODEL_URI_TAG, REGISTERED_MODEL_NAME, SELECTION_METRIC
 
 PRODUCTION = "Production"
@@ -34,7 +34,7 @@ ARCHIVED = "Archived"
 STAGING = "Staging"
 CHAMPION_ALIAS = "champion"
 EXPORT_MODEL_DIR = "model"            # inside the export folder: the model folder the scoring server loads
-EXPORT_INFO_FILE = "model_info.json"  # the UI's /model_info when no registry is reachable
+EXPORT_INFO_FILE = "model_info.json"  # beside the model: what the scoring server's /model says of it
 GATE_BATCH_ROWS = 1000  # rows per pyfunc call: the serving limit is 1024 rows per request
 # One promotion at a time. The lock is a registered model of its own: creating one is atomic in every
 # MLflow store (unique name), local SQLite and a shared tracking server alike.
@@ -57,9 +57,13 @@ class Decision:
     champion_version: str | None = None
     champion_accuracy: float | None = None
 
+    def summary(self) -> str:
+        verdict = "PROMOTED to Production (alias champion)" if self.promoted else "NOT promoted"
+        return f"{REGISTERED_MODEL_NAME} v{self.version}: {verdict}: {self.reason}"
+
 
 @contextmanager
-def _stages_quietly():
+def stages_quietly():
     """Stages are deprecated in MLflow 3 but still the documented contract here: hide only that warning."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*[Ss]tage.*")
@@ -85,7 +89,7 @@ def best_run(experiment: str | None = None, parent_run_id: str | None = None) ->
     return runs[0].info.run_id
 
 
-def heldout_accuracy(model_uri: str, dataset: fdata.FashionMNIST) -> float:
+def heldout_accuracy(model_uri: str, dataset: data.FashionMNIST) -> float:
     """Accuracy of a registered model on the 10k test set, through its pyfunc interface."""
     model = mlflow.pyfunc.load_model(model_uri)
     predictions = []
@@ -107,8 +111,9 @@ def register(run_id: str) -> str:
         raise PromotionError(f"run {run_id} is {run.info.status} without a logged model; only finished runs qualify")
     existing = client.search_model_versions(f"name = '{REGISTERED_MODEL_NAME}' and run_id = '{run_id}'")
     if existing:
-        return existing[0].version
-    version = mlflow.register_model(run.data.tags[MODEL_URI_TAG], REGISTERED_MODEL_NAME).version
+        return str(existing[0].version)
+    # Versions are strings everywhere here: MLflow's SQL store gives ints, its REST client strings.
+    version = str(mlflow.register_model(run.data.tags[MODEL_URI_TAG], REGISTERED_MODEL_NAME).version)
     metrics, tags = run.data.metrics, run.data.tags
     for key, value in {"run_id": run_id, "val_accuracy": f"{metrics[SELECTION_METRIC]:.4f}",
                        "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}",
@@ -127,12 +132,12 @@ def register(run_id: str) -> str:
 
 def current_production() -> str | None:
     client = MlflowClient()
-    with _stages_quietly():
+    with stages_quietly():
         try:
             versions = client.get_latest_versions(REGISTERED_MODEL_NAME, stages=[PRODUCTION])
         except mlflow.exceptions.MlflowException:
             return None  # the registered model does not exist yet
-    return versions[0].version if versions else None
+    return str(versions[0].version) if versions else None
 
 
 def _move_to_production(client: MlflowClient, version: str) -> None:
@@ -140,7 +145,7 @@ def _move_to_production(client: MlflowClient, version: str) -> None:
 
     Not `archive_existing_versions=True`: in MLflow 3.17 it compares an integer column with the string
     version, which PostgreSQL rejects ("operator does not exist: integer <> character varying")."""
-    with _stages_quietly():
+    with stages_quietly():
         client.transition_model_version_stage(REGISTERED_MODEL_NAME, version, PRODUCTION)
         for other in client.search_model_versions(f"name = '{REGISTERED_MODEL_NAME}'"):
             if other.current_stage in (PRODUCTION, STAGING) and str(other.version) != str(version):
@@ -183,7 +188,7 @@ def promotion_lock():
         client.delete_registered_model(LOCK_MODEL_NAME)
 
 
-def promote(run_id: str, dataset: fdata.FashionMNIST, force: bool = False) -> Decision:
+def promote(run_id: str, dataset: data.FashionMNIST, force: bool = False) -> Decision:
     """Register `run_id`'s model and make it Production + champion if it beats the current Production."""
     with promotion_lock():
         return _promote(run_id, dataset, force)
@@ -196,7 +201,7 @@ def _crown(client: MlflowClient, version: str) -> None:
     client.set_registered_model_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS, version)
 
 
-def _promote(run_id: str, dataset: fdata.FashionMNIST, force: bool) -> Decision:
+def _promote(run_id: str, dataset: data.FashionMNIST, force: bool) -> Decision:
     version = register(run_id)
     champion = current_production()
     if champion == version:
@@ -223,16 +228,11 @@ def _promote(run_id: str, dataset: fdata.FashionMNIST, force: bool) -> Decision:
 def version_info(model_version: ModelVersion) -> dict:
     """What the UI shows about a registered version: name, version, stage, alias, run, metrics."""
     metrics = MlflowClient().get_run(model_version.run_id).data.metrics if model_version.run_id else {}
-    return {"name": REGISTERED_MODEL_NAME, "version": model_version.version, "stage": model_version.current_stage,
+    return {"name": REGISTERED_MODEL_NAME, "version": str(model_version.version), "stage": model_version.current_stage,
             "alias": CHAMPION_ALIAS if CHAMPION_ALIAS in model_version.aliases else None,
+            "aliases": list(model_version.aliases),
             "run_id": model_version.run_id, "description": model_version.description,
             "metrics": {k: metrics[k] for k in ("test_accuracy", SELECTION_METRIC) if k in metrics}}
-
-
-def champion_info() -> dict:
-    """`version_info` of the version that carries the champion alias (one registry lookup)."""
-    with _stages_quietly():
-        return version_info(MlflowClient().get_model_version_by_alias(REGISTERED_MODEL_NAME, CHAMPION_ALIAS))
 
 
 def _drop_absolute_paths(mlmodel: Path) -> None:
@@ -260,7 +260,7 @@ def export_production(destination: Path) -> dict:
     _drop_absolute_paths(staging / "MLmodel")
     shutil.rmtree(model_dir, ignore_errors=True)  # the old export goes only once the new one is complete
     staging.rename(model_dir)
-    with _stages_quietly():
+    with stages_quietly():
         model_version = MlflowClient().get_model_version(REGISTERED_MODEL_NAME, version)
     info = {**version_info(model_version), "exported_at": datetime.now(UTC).isoformat(timespec="seconds")}
     (destination / EXPORT_INFO_FILE).write_text(json.dumps(info, indent=2))

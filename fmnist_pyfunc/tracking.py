@@ -16,8 +16,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from fmnist_pyfunc import augment, models, preprocessing, reporting, training
-from fmnist_pyfunc import data as fdata
+from fmnist_pyfunc import data, models, preprocessing, reporting, training
 from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
@@ -38,7 +37,7 @@ def git_commit() -> str:
         return "unknown"
 
 
-def input_example(dataset: fdata.FashionMNIST) -> pd.DataFrame:
+def input_example(dataset: data.FashionMNIST) -> pd.DataFrame:
     """Both input kinds of the JSON contract, built from real test images."""
     return pd.DataFrame([
         {"pixels": dataset.test_images[0].tolist(), "image": None},
@@ -46,7 +45,7 @@ def input_example(dataset: fdata.FashionMNIST) -> pd.DataFrame:
     ])
 
 
-def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: fdata.FashionMNIST) -> None:
+def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights, config = Path(tmp, "weights.pt"), Path(tmp, "model_config.json")
         state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
@@ -65,10 +64,10 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: fdata.Fas
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
 
 
-def log_evaluation(result: training.TrainResult, cfg: dict, dataset: fdata.FashionMNIST) -> float:
+def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST) -> float:
     """Evaluate once on the 10k test set; log the metric and the report artifacts."""
     labels = torch.from_numpy(dataset.test_labels)
-    test = training.evaluate(result.model, augment.to_tensor(dataset.test_images), labels, cfg["tta"])
+    test = training.evaluate(result.model, models.normalize(dataset.test_images), labels, cfg["tta"])
     probabilities = test["probabilities"].numpy()
     predictions, confidence = probabilities.argmax(1), probabilities.max(1)
     matrix = reporting.confusion_matrix(dataset.test_labels, predictions)
@@ -82,7 +81,7 @@ def log_evaluation(result: training.TrainResult, cfg: dict, dataset: fdata.Fashi
     return test["accuracy"]
 
 
-def run_training(cfg: dict, dataset: fdata.FashionMNIST, parent_run_id: str | None = None,
+def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
                  run_name: str | None = None) -> str:
     """Train with `cfg` inside an MLflow run (a child of `parent_run_id` if given); return the run id.

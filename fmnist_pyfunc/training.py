@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fmnist_pyfunc import augment, models
-from fmnist_pyfunc import data as fdata
+from fmnist_pyfunc import augment, data, models
 
 MOMENTUM = 0.9           # SGD Nesterov momentum; the usual value, not worth searching
 WARMUP_FRACTION = 0.25   # share of steps spent raising the LR in the one-cycle schedule
@@ -86,17 +85,17 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     }
 
 
-def train(cfg: dict, dataset: fdata.FashionMNIST,
+def train(cfg: dict, dataset: data.FashionMNIST,
           on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
     """Train on the stratified training split; select the epoch with the best validation accuracy."""
     generator = seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
-    train_idx, val_idx = fdata.stratified_split(dataset.train_labels, cfg["val_size"], cfg["seed"])
+    train_idx, val_idx = data.stratified_split(dataset.train_labels, cfg["val_size"], cfg["seed"])
     if cfg["max_train_samples"]:
         train_idx = train_idx[: cfg["max_train_samples"]]
-    x_train = augment.to_tensor(dataset.train_images[train_idx]).to(device)
+    x_train = models.normalize(dataset.train_images[train_idx]).to(device)
     y_train = torch.from_numpy(dataset.train_labels[train_idx]).to(device)
-    x_val = augment.to_tensor(dataset.train_images[val_idx])
+    x_val = models.normalize(dataset.train_images[val_idx])
     y_val = torch.from_numpy(dataset.train_labels[val_idx])
 
     fmt = _memory_format(cfg["arch"])

@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import harness
 import mlflow
 import numpy as np
 import pytest
+from harness import free_port, start, stop
 from PIL import Image
 
-from fmnist_pyfunc import config, servers
-from fmnist_pyfunc.servers import free_port, start, stop
+from fmnist_pyfunc import config
 
 REPO = Path(__file__).resolve().parents[1]
 # The smallest training run that still exercises every code path: ~20 s on 2 CPU cores.
@@ -104,7 +105,7 @@ def exif_rotated_jpeg(pixels: np.ndarray) -> str:
 
 # --- servers: the real scoring server and the UI, started once per test session ---
 
-BIN = servers.BIN
+BIN = harness.BIN
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +125,7 @@ def scoring_server(production, tracking_uri, tmp_path_factory):
     env = project_env(tracking_uri)
     env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the model must load without unpickling
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    process = start(servers.scoring_command(config.PRODUCTION_MODEL_URI, servers.LOOPBACK, port), env,
+    process = start(harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port), env,
                     f"http://127.0.0.1:{port}/ping", log)
     yield process, f"http://127.0.0.1:{port}"
     stop(process)
@@ -142,7 +143,7 @@ def ui_server(scoring_url, tracking_uri, tmp_path_factory):
     env = project_env(tracking_uri)
     env["FMNIST_SCORING_URL"] = scoring_url
     log = tmp_path_factory.mktemp("ui") / "ui.log"
-    process = start(servers.ui_command(servers.LOOPBACK, port, workers=1), env, f"http://127.0.0.1:{port}/health", log)
+    process = start(harness.ui_command(config.LOOPBACK, port, workers=1), env, f"http://127.0.0.1:{port}/health", log)
     yield process, f"http://127.0.0.1:{port}"
     stop(process)
 

@@ -1,6 +1,7 @@
 """The upload page in real headless Chromium: upload an image, see the predicted class and the chart."""
 
 import base64
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def page():
 
 
 def test_upload_shows_prediction_and_chart(page, ui_url, dataset, tmp_path):
+    """In a real browser, uploading a test image shows a card with the class, its probability, ten bars and the
+    version that answered, under a header naming the served model and a healthy scoring server."""
     image = tmp_path / "ankle_boot.png"
     image.write_bytes(base64.b64decode(png_base64(dataset.test_images[0])))  # test image 0 is an ankle boot
     page.goto(ui_url)
@@ -39,11 +42,14 @@ def test_upload_shows_prediction_and_chart(page, ui_url, dataset, tmp_path):
     expect(card).to_be_visible(timeout=30_000)
     expect(card.locator(".prediction")).to_contain_text("%")
     expect(card.locator(".bar-row")).to_have_count(10)
+    expect(card.locator(".answered-by")).to_have_text(re.compile(r"answered by fashion-mnist-cnn v\d+$"))
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui_upload.png"), full_page=True)
 
 
 def test_gallery_click_and_bad_upload_message(page, ui_url, tmp_path):
+    """Clicking a gallery image adds a prediction card; uploading a text file named .png shows the server's reason
+    in the page."""
     page.goto(ui_url)
     before = page.locator(".card").count()
     page.locator(".sample").first.click()

@@ -29,12 +29,14 @@ def test_mlproject_train_parameters_match_train_defaults():
 
 
 def test_mlproject_train_command_passes_every_parameter():
+    """MLproject's train command forwards every TRAIN_DEFAULTS parameter to the CLI: none is silently dropped."""
     command = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["train"]["command"]
     for name in config.TRAIN_DEFAULTS:
         assert f"--{name.replace('_', '-')} {{{name}}}" in command, name
 
 
 def test_cli_defaults_are_train_defaults():
+    """The train CLI's argparse defaults are exactly TRAIN_DEFAULTS: one source of truth."""
     assert _cli_defaults() == config.TRAIN_DEFAULTS
 
 
@@ -50,10 +52,12 @@ def test_conda_env_pins_the_same_packages_as_pyproject():
 @pytest.mark.parametrize("bad", [{"epochs": -1}, {"arch": "resnet"}, {"batch_size": 0}, {"lr": 0.0},
                                  {"depth": 9}, {"dropout": 1.0}, {"augment": "mixup"}, {"colour": 1}])
 def test_validate_rejects_bad_values_with_their_name(bad):
+    """Each out-of-range or unknown training parameter is refused with a message naming it."""
     with pytest.raises(ValueError) as err:
         config.validate(bad)
     assert next(iter(bad)) in str(err.value)
 
 
 def test_validate_fills_defaults():
+    """A partial config is completed from TRAIN_DEFAULTS and keeps what was given."""
     assert config.validate({"epochs": 2}) == {**config.TRAIN_DEFAULTS, "epochs": 2}

@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from fmnist_pyfunc import augment, data
+from fmnist_pyfunc import augment, data, models
 from fmnist_pyfunc.config import AUGMENTS
 
 
 def test_load_gives_the_real_dataset(dataset):
+    """load() returns the real Fashion-MNIST: 60k/10k uint8 28x28 images, 6,000/1,000 per class, with a SHA-256
+    checksum."""
     assert dataset.train_images.shape == (60000, 28, 28) and dataset.train_images.dtype == np.uint8
     assert dataset.test_images.shape == (10000, 28, 28)
     assert np.bincount(dataset.train_labels).tolist() == [6000] * 10
@@ -26,12 +28,14 @@ def _copy_files(tmp_path):
 
 
 def test_data_dir_env_is_used_first(tmp_path, monkeypatch):
+    """FMNIST_DATA_DIR wins over every other place the data could be found."""
     folder = _copy_files(tmp_path)
     monkeypatch.setenv(data.DATA_DIR_ENV, str(folder))
     assert data.find_data_dir() == folder
 
 
 def test_missing_file_error_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    """A missing IDX file is reported by name, with the command that installs it."""
     folder = _copy_files(tmp_path)
     (folder / "t10k-labels-idx1-ubyte.gz").unlink()
     monkeypatch.setenv(data.DATA_DIR_ENV, str(folder))
@@ -40,6 +44,7 @@ def test_missing_file_error_names_the_file_and_the_fix(tmp_path, monkeypatch):
 
 
 def test_corrupt_file_is_detected_by_checksum(tmp_path):
+    """One changed label in an otherwise valid gzip/IDX file fails the content checksum, naming the file."""
     folder = _copy_files(tmp_path)
     path = folder / "train-labels-idx1-ubyte.gz"
     content = bytearray(gzip.decompress(path.read_bytes()))
@@ -50,6 +55,7 @@ def test_corrupt_file_is_detected_by_checksum(tmp_path):
 
 
 def test_truncated_gzip_is_reported_as_corrupt(tmp_path):
+    """A truncated archive is a DataError naming the file, not a gzip traceback."""
     folder = _copy_files(tmp_path)
     path = folder / "t10k-images-idx3-ubyte.gz"
     path.write_bytes(path.read_bytes()[:1000])
@@ -67,6 +73,7 @@ def test_recompressed_files_still_verify(tmp_path, dataset):
 
 
 def test_split_is_stratified_disjoint_and_seeded(dataset):
+    """The validation split holds 500 images per class, shares none with training, and depends only on the seed."""
     train_idx, val_idx = data.stratified_split(dataset.train_labels, 5000, seed=3)
     assert len(val_idx) == 5000 and len(train_idx) == 55000
     assert not set(train_idx) & set(val_idx)
@@ -77,7 +84,9 @@ def test_split_is_stratified_disjoint_and_seeded(dataset):
 
 
 def test_augment_keeps_shape_and_content(dataset):
-    images = augment.to_tensor(dataset.test_images[:64])
+    """Augmentation keeps shapes, 'none' is the identity, 'flip' yields each image or its mirror, and 'shift' never
+    invents brightness."""
+    images = models.normalize(dataset.test_images[:64])
     generator = torch.Generator().manual_seed(0)
     for kind in AUGMENTS:
         out = augment.augment(images, kind, generator)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import warnings
 
+import harness
 import mlflow
 import optuna
 import pytest
@@ -14,7 +15,7 @@ import requests
 import sqlalchemy
 from conftest import TINY_TRAIN, mlflow_run, project_env
 
-from fmnist_pyfunc import config, data, registry, servers, sweep
+from fmnist_pyfunc import config, data, registry, sweep
 from fmnist_pyfunc.preprocessing import png_base64
 
 pytestmark = pytest.mark.e2e
@@ -26,18 +27,20 @@ def _predict(ui_url: str, dataset) -> requests.Response:
 
 def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(production, tracking_uri, tmp_path,
                                                                                  dataset):
-    port = servers.free_port()
+    """With the scoring server killed, the UI answers 503 (and /health 503); once it is back on the same port, the
+    UI answers 200 without a restart."""
+    port = harness.free_port()
     scoring_url = f"http://127.0.0.1:{port}"
     env = project_env(tracking_uri)
 
     def start_scoring(name: str):
-        return servers.start(servers.scoring_command(config.PRODUCTION_MODEL_URI, servers.LOOPBACK, port), env,
+        return harness.start(harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port), env,
                              f"{scoring_url}/ping", tmp_path / name)
 
     scoring = start_scoring("serve-1.log")
-    ui_port = servers.free_port()
+    ui_port = harness.free_port()
     ui_url = f"http://127.0.0.1:{ui_port}"
-    ui = servers.start(servers.ui_command(servers.LOOPBACK, ui_port, workers=1), {**env, "FMNIST_SCORING_URL":
+    ui = harness.start(harness.ui_command(config.LOOPBACK, ui_port, workers=1), {**env, "FMNIST_SCORING_URL":
                        scoring_url}, f"{ui_url}/health", tmp_path / "ui.log")
     try:
         assert _predict(ui_url, dataset).status_code == 200
@@ -52,20 +55,20 @@ def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(
         assert _predict(ui_url, dataset).status_code == 200
         assert requests.get(f"{ui_url}/health", timeout=10).json() == {"ui": "ok", "scoring_server": "ok"}
     finally:
-        servers.stop(ui)
-        servers.stop(scoring)
+        harness.stop(ui)
+        harness.stop(scoring)
 
 
 def _stages() -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         versions = mlflow.MlflowClient().search_model_versions(f"name = '{config.REGISTERED_MODEL_NAME}'")
-    return {v.version: v.current_stage for v in versions}
+    return {str(v.version): v.current_stage for v in versions}
 
 
 def _champion() -> str:
     client = mlflow.MlflowClient()
-    return client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, registry.CHAMPION_ALIAS).version
+    return str(client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, registry.CHAMPION_ALIAS).version)
 
 
 def test_two_promotions_at_once_leave_exactly_one_champion(private_store, tmp_path):
@@ -132,6 +135,8 @@ def test_bad_parameters_under_mlflow_run_fail_fast_and_leave_no_finished_run(tra
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_a_broken_dataset_is_reported_before_any_run(tracking_uri, tmp_path, dataset, damage):
+    """A missing or corrupt data file stops training with the file's name and exit code 2 before any experiment or
+    run exists."""
     folder = tmp_path / "fmnist"
     shutil.copytree(dataset.source, folder)
     victim = folder / data.FILES["test_labels"][0]

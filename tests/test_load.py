@@ -23,6 +23,8 @@ def _load_module():
 
 
 def test_short_mixed_load_has_no_errors_and_flat_memory(scoring_server, ui_server, dataset):
+    """Under 10 s of concurrent mixed load no good request fails, every bad one gets its 4xx, and neither server's
+    memory grows."""
     load = _load_module()
     (scoring, scoring_url), (ui, ui_url) = scoring_server, ui_server
     result = load.run_load(scoring_url, ui_url, dataset, CONCURRENCY, DURATION_S,

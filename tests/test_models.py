@@ -9,6 +9,7 @@ from fmnist_pyfunc import models
 @pytest.mark.parametrize("arch, width, depth", [("cnn", 8, 1), ("cnn", 8, 2), ("cnn", 32, 3), ("cnn", 4, 4),
                                                 ("mlp", 64, 1), ("mlp", 128, 3)])
 def test_output_shape(arch, width, depth):
+    """Every architecture, width and depth maps (N, 1, 28, 28) to (N, 10) logits."""
     model = models.build(arch, width, depth, dropout=0.1).eval()
     assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
 
@@ -19,5 +20,6 @@ def test_default_cnn_is_small():
 
 
 def test_width_scales_capacity():
+    """Doubling the CNN's width multiplies its parameters by more than 3 (conv weights grow with width squared)."""
     small, large = (models.count_parameters(models.build("cnn", w, 3, 0.0)) for w in (8, 16))
     assert large > 3 * small

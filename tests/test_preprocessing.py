@@ -26,6 +26,7 @@ def _batch(**columns) -> np.ndarray:
 
 
 def test_raw_pixels_pass_through_unchanged(dataset):
+    """A 28x28 pixel row reaches the network exactly as sent, as float32."""
     images = dataset.test_images[:4]
     batch = _batch(pixels=[img.tolist() for img in images])
     assert batch.dtype == np.float32 and np.array_equal(batch, images.astype(np.float32))
@@ -68,6 +69,7 @@ def test_photos_as_people_upload_them_look_like_the_dataset(dataset, variant):
 
 
 def test_mixed_batch_of_pixels_and_images(dataset):
+    """One batch may mix pixel rows and encoded images; each row keeps its place and pixels stay unchanged."""
     images = dataset.test_images[:2]
     batch = _batch(pixels=[images[0].tolist(), None], image=[None, png_base64(images[1])])
     assert batch.shape == (2, 28, 28)
@@ -75,12 +77,14 @@ def test_mixed_batch_of_pixels_and_images(dataset):
 
 
 def test_extreme_aspect_ratios_and_tiny_images_are_accepted():
+    """1x1, 10000x10 and 10x10000 images all become one 28x28 input."""
     for size in [(1, 1), (10000, 10), (10, 10000)]:
         encoded = encode(Image.new("L", size, 200))
         assert _batch(image=[encoded]).shape == (1, 28, 28)
 
 
 def test_exif_rotation_is_applied(dataset):
+    """A JPEG stored sideways with an EXIF orientation is turned upright before classification."""
     original = dataset.test_images[3]
     encoded = exif_rotated_jpeg(original)
     assert _correlation(_batch(image=[encoded])[0], original) > 0.9
@@ -109,11 +113,13 @@ def _gif_base64() -> str:
     ({"weights": [1]}, "unknown input column"),
 ])
 def test_bad_input_raises_a_clear_error(columns, message):
+    """Each kind of bad row raises InputError with a message saying what is wrong."""
     with pytest.raises(pre.InputError, match=message):
         _batch(**columns)
 
 
 def test_truncated_jpeg_is_refused(dataset):
+    """Half a JPEG is refused as truncated or corrupt, not decoded into a grey half-image."""
     raw = base64.b64decode(encode(upscaled(dataset.test_images[0]), "JPEG"))
     truncated = base64.b64encode(raw[: len(raw) // 2]).decode()
     with pytest.raises(pre.InputError, match="row 0: the image is truncated or corrupt"):
@@ -121,11 +127,13 @@ def test_truncated_jpeg_is_refused(dataset):
 
 
 def test_decompression_bomb_is_refused_before_decoding():
+    """A 1 MB PNG declaring 400 M pixels is refused from its header, before decoding."""
     encoded = encode(Image.new("1", (20000, 20000)))  # ~1 MB PNG declaring 400 M pixels
     with pytest.raises(pre.InputError, match="exceeds"):
         _batch(image=[encoded])
 
 
 def test_oversized_batch_is_refused():
+    """More rows than MAX_BATCH_ROWS are refused with the maximum named."""
     with pytest.raises(pre.InputError, match="maximum"):
         _batch(pixels=[np.zeros((28, 28)).tolist()] * (pre.MAX_BATCH_ROWS + 1))

@@ -41,7 +41,7 @@ def test_gate(runs, dataset):
     client = MlflowClient()
     first = registry.promote(runs["strong"], dataset)
     assert first.promoted and registry.current_production() == first.version
-    assert client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version == first.version
+    assert str(client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version) == first.version
 
     rejected = registry.promote(runs["weak"], dataset)
     assert not rejected.promoted
@@ -55,7 +55,7 @@ def test_gate(runs, dataset):
     forced = registry.promote(runs["weak"], dataset, force=True)
     assert forced.promoted and forced.version == rejected.version
     assert _stage(first.version) == registry.ARCHIVED and _stage(forced.version) == registry.PRODUCTION
-    assert client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version == forced.version
+    assert str(client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version) == forced.version
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         loaded = mlflow.pyfunc.load_model(f"models:/{NAME}/Production")
@@ -67,9 +67,11 @@ def test_gate(runs, dataset):
 
 
 def test_best_run_is_chosen_by_validation_accuracy(runs):
+    """best_run() ranks an experiment's finished runs by validation accuracy, never test accuracy."""
     assert registry.best_run("gate") == runs["strong"]
 
 
 def test_unknown_run_is_a_clear_error(runs, dataset):
+    """Promoting a run id that does not exist is a PromotionError saying so."""
     with pytest.raises(registry.PromotionError, match="not found"):
         registry.promote("0123456789abcdef", dataset)

@@ -8,6 +8,7 @@ import socket
 import struct
 import zlib
 
+import harness
 import numpy as np
 import pytest
 import requests
@@ -15,7 +16,7 @@ from conftest import REPO, encode, exif_rotated_jpeg, upscaled
 from PIL import Image
 
 from entrypoints import container, serve
-from fmnist_pyfunc import preprocessing, servers
+from fmnist_pyfunc import config, preprocessing
 from fmnist_pyfunc.preprocessing import png_base64
 from webui import app as ui
 
@@ -90,6 +91,8 @@ def _post(url: str, body: bytes) -> requests.Response:
 
 @pytest.mark.parametrize("name", BAD_REQUESTS)
 def test_invocations_refuses_bad_input_clearly_and_keeps_serving(scoring_url, dataset, name):
+    """Each bad /invocations request gets its 4xx as {error_code, message} naming the problem, without traces or
+    echoed input, and the next good request is answered."""
     body, status, words = BAD_REQUESTS[name]
     response = _post(scoring_url, body)
     assert response.status_code == status, response.text[:300]
@@ -143,7 +146,7 @@ def _png_of_size(pixels: np.ndarray, size: int) -> bytes:
 
 
 def _form_upload(ui_url: str, files: list[tuple[str, bytes]]) -> requests.Response:
-    return servers.ui_session(ui_url).post(f"{ui_url}/predict", files=[("files", f) for f in files], timeout=120)
+    return harness.ui_session(ui_url).post(f"{ui_url}/predict", files=[("files", f) for f in files], timeout=120)
 
 
 def test_ui_upload_size_boundary(ui_url, dataset):
@@ -166,6 +169,8 @@ def test_ui_upload_size_boundary(ui_url, dataset):
     ("SVG disguised as PNG", 400, "not a PNG or JPEG"),
 ])
 def test_ui_refuses_bad_uploads_clearly(ui_url, dataset, case, status, words):
+    """Each bad form upload (none, empty, too many, too large, a GIF or SVG named .png) gets its 4xx with a clear
+    message and no trace."""
     png = base64.b64decode(png_base64(dataset.test_images[0]))
     files = {"no file": [], "empty filename": [("", b"")],
              "too many files": [(f"{i}.png", png) for i in range(ui.MAX_FILES + 1)],
@@ -173,19 +178,21 @@ def test_ui_refuses_bad_uploads_clearly(ui_url, dataset, case, status, words):
                                               for i in range(ui.MAX_REQUEST_BYTES // ui.MAX_FILE_BYTES + 1)],
              "GIF disguised as PNG": [("a.png", _encoded(Image.new("L", (28, 28)), "GIF"))],
              "SVG disguised as PNG": [("a.png", SVG)]}[case]
-    response = _form_upload(ui_url, files) if files else servers.ui_session(ui_url).post(f"{ui_url}/predict",
+    response = _form_upload(ui_url, files) if files else harness.ui_session(ui_url).post(f"{ui_url}/predict",
                                                                                        data={"x": "1"}, timeout=30)
     assert response.status_code == status and words in response.json()["error"], response.text[:300]
     assert not any(leak in response.text for leak in LEAKS)
 
 
 def test_ui_never_uses_the_client_filename_as_a_path(ui_url, dataset, tmp_path):
+    """A filename with ../ is only echoed back as its last part."""
     png = base64.b64decode(png_base64(dataset.test_images[0]))
     response = _form_upload(ui_url, [("../../x.png", png)])
     assert response.status_code == 200 and response.json()["results"][0]["filename"] == "x.png"
 
 
 def test_ui_wrong_method_and_unknown_path_are_json_without_traces(ui_url):
+    """Wrong methods (405) and unknown paths (404) answer JSON errors without traces."""
     for response, status in ((requests.get(f"{ui_url}/predict", timeout=10), 405),
                              (requests.put(f"{ui_url}/predict", timeout=10), 405),
                              (requests.get(f"{ui_url}/no/such/page", timeout=10), 404),
@@ -195,13 +202,15 @@ def test_ui_wrong_method_and_unknown_path_are_json_without_traces(ui_url):
 
 
 def test_ui_form_posts_need_the_csrf_token_and_the_json_api_needs_no_cookie(ui_url, dataset):
+    """Form posts without the page's token, with a guessed one, or with the cookie alone get 403; the page's session
+    succeeds; the JSON API works without a cookie; text/plain is treated as a form."""
     png = base64.b64decode(png_base64(dataset.test_images[0]))
     files = [("files", ("a.png", png, "image/png"))]
     # A cross-site form: no cookie, no token (or a guessed one).
     for headers in ({}, {"X-CSRF-Token": "guess"}):
         response = requests.post(f"{ui_url}/predict", files=files, headers=headers, timeout=30)
         assert response.status_code == 403 and "CSRF" in response.json()["error"]
-    session = servers.ui_session(ui_url)  # loaded the page: cookie + token
+    session = harness.ui_session(ui_url)  # loaded the page: cookie + token
     assert session.post(f"{ui_url}/predict", files=files, timeout=30).status_code == 200
     wrong = requests.Session()
     wrong.cookies.update(session.cookies)  # the cookie alone (a browser sends it) is not enough
@@ -262,8 +271,10 @@ def _non_loopback_address() -> str | None:
 
 
 def test_servers_bind_to_loopback_unless_told_otherwise(scoring_url, ui_url):
-    assert serve.DEFAULT_HOST == servers.LOOPBACK == "127.0.0.1"
-    assert container.parser().get_default("host") == servers.LOOPBACK
+    """Every server's default bind address is 127.0.0.1, and the session's servers (started with defaults) are
+    unreachable on the machine's other address."""
+    assert serve.DEFAULT_HOST == config.LOOPBACK == "127.0.0.1"
+    assert container.parser().get_default("host") == config.LOOPBACK
     assert re.search(r"^HOST\s*\?=\s*127\.0\.0\.1$", (REPO / "Makefile").read_text(), re.M)
     address = _non_loopback_address()
     if address is None:

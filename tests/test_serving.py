@@ -6,16 +6,17 @@ import socket
 import subprocess
 import sys
 
+import harness
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import requests
+from harness import free_port
 from PIL import Image
 
-from fmnist_pyfunc import config, servers
+from fmnist_pyfunc import config
 from fmnist_pyfunc.preprocessing import png_base64
-from fmnist_pyfunc.servers import free_port
 
 pytestmark = pytest.mark.e2e
 N_IMAGES = 300  # real test images checked through each path
@@ -26,6 +27,7 @@ def _invoke(scoring_url: str, records: list[dict]) -> requests.Response:
 
 
 def test_server_answers_ping_and_version(scoring_url):
+    """The scoring server answers MLflow's /ping and /version."""
     assert requests.get(f"{scoring_url}/ping", timeout=5).status_code == 200
     assert requests.get(f"{scoring_url}/version", timeout=5).text.strip() == mlflow.__version__
 
@@ -53,6 +55,7 @@ def test_every_input_kind_through_invocations_matches_in_process_predict(scoring
 
 
 def test_bad_request_is_400_with_a_clear_message(scoring_url, dataset):
+    """A wrongly shaped pixel row is a 400 naming the expected shape; the server then answers a good request."""
     response = _invoke(scoring_url, [{"pixels": np.zeros((27, 28)).tolist()}])
     assert response.status_code == 400 and "shape (28, 28)" in response.json()["message"]
     assert _invoke(scoring_url, [{"pixels": dataset.test_images[0].tolist()}]).status_code == 200
@@ -60,11 +63,13 @@ def test_bad_request_is_400_with_a_clear_message(scoring_url, dataset):
 
 def _upload(ui_url: str, files: list[tuple[str, bytes]]) -> requests.Response:
     """A form upload as the page makes it: with the page's CSRF cookie and token."""
-    return servers.ui_session(ui_url).post(f"{ui_url}/predict", timeout=60,
+    return harness.ui_session(ui_url).post(f"{ui_url}/predict", timeout=60,
                                         files=[("files", (name, data, "image/png")) for name, data in files])
 
 
 def test_ui_predicts_real_images_through_the_scoring_server(ui_url, dataset, trained_run):
+    """16 real test images uploaded to the UI come back with ten probabilities each, about as accurate as the
+    model's test accuracy."""
     images, labels = dataset.test_images[:16], dataset.test_labels[:16]
     response = _upload(ui_url, [(f"{i}.png", base64.b64decode(png_base64(img))) for i, img in enumerate(images)])
     assert response.status_code == 200, response.text
@@ -75,6 +80,8 @@ def test_ui_predicts_real_images_through_the_scoring_server(ui_url, dataset, tra
 
 
 def test_ui_health_model_info_and_page(ui_url, production):
+    """The UI's /health sees the scoring server, /model_info names the Production version with its alias and
+    metrics, and the page renders with the gallery."""
     assert requests.get(f"{ui_url}/health", timeout=10).json() == {"ui": "ok", "scoring_server": "ok"}
     info = requests.get(f"{ui_url}/model_info", timeout=10).json()
     assert info["name"] == config.REGISTERED_MODEL_NAME and info["version"] == production
@@ -90,12 +97,14 @@ def test_ui_health_model_info_and_page(ui_url, production):
     ([("x.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)], 400, "x.png"),
 ])
 def test_ui_bad_uploads_get_4xx_and_a_clear_message(ui_url, files, status, message):
+    """Each bad upload gets the expected 4xx and message, never a traceback."""
     response = _upload(ui_url, files)
     assert response.status_code == status and message in response.json()["error"]
     assert "Traceback" not in response.text
 
 
 def test_ui_without_scoring_server_answers_503(tracking_uri, tmp_path, dataset):
+    """With no scoring server listening, /predict and /health answer 503 in the UI's own words."""
     from webui.app import create_app
 
     client = create_app(scoring_url=f"http://127.0.0.1:{free_port()}").test_client()
@@ -105,6 +114,7 @@ def test_ui_without_scoring_server_answers_503(tracking_uri, tmp_path, dataset):
 
 
 def test_ui_with_a_scoring_server_slower_than_its_timeout_answers_504(dataset):
+    """A scoring server that accepts but never answers gives 504 after the UI's upstream timeout."""
     from webui.app import create_app
 
     with socket.socket() as silent:  # accepts connections (backlog) but never answers
@@ -117,6 +127,7 @@ def test_ui_with_a_scoring_server_slower_than_its_timeout_answers_504(dataset):
 
 
 def test_ui_never_imports_torch(tmp_path):
+    """Building the UI app imports no torch: the UI stays light and knows nothing of the model."""
     code = "import sys, webui.app; webui.app.create_app(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "False", result.stderr

@@ -3,7 +3,7 @@
 import asyncio
 import json
 
-from fmnist_pyfunc import serving
+from fmnist_pyfunc import scoring
 
 LIMIT = 1000
 
@@ -25,35 +25,40 @@ def _call(headers: list, chunks: list[bytes]) -> tuple[list, list]:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    asyncio.run(serving.BodyLimit(inner, LIMIT)({"type": "http", "headers": headers}, receive, send))
+    asyncio.run(scoring.BodyLimit(inner, LIMIT)({"type": "http", "headers": headers}, receive, send))
     return sent, seen
 
 
 def test_chunked_body_over_the_limit_is_refused_without_reaching_the_app():
+    """A chunked body (no Content-Length) is counted as it arrives and refused with 413 once over the limit; the app
+    never sees it."""
     sent, seen = _call([], [b"x" * 400] * 3)  # no Content-Length: counted as it arrives
     assert sent[0]["status"] == 413 and not seen
     assert json.loads(sent[1]["body"])["error_code"] == "REQUEST_TOO_LARGE"
 
 
 def test_declared_length_over_the_limit_is_refused_before_reading():
+    """A Content-Length over the limit is refused with 413 before any body is read."""
     sent, seen = _call([(b"content-length", str(LIMIT + 1).encode())], [b"x"])
     assert sent[0]["status"] == 413 and not seen
 
 
 def test_body_at_the_limit_reaches_the_app_whole():
+    """A body of exactly the limit, in chunks, reaches the app whole."""
     sent, seen = _call([], [b"x" * 500, b"y" * 500])
     assert sent[0]["status"] == 200 and seen == [b"x" * 500 + b"y" * 500]
 
 
 def test_clean_error_keeps_mlflow_reason_only():
+    """Error answers keep MLflow's reason only: no echoed input, no stack trace, at most MAX_ERROR_CHARS."""
     predict_error = {"error_code": "INVALID_PARAMETER_VALUE",
                      "message": "Failed to predict data '   pixels\n0  [[1]]'. \nError: row 0: bad shape"}
-    assert serving.clean_error(400, json.dumps(predict_error).encode()) == {
+    assert scoring.clean_error(400, json.dumps(predict_error).encode()) == {
         "error_code": "INVALID_PARAMETER_VALUE", "message": "row 0: bad shape"}
     unexpected = {"error_code": "BAD_REQUEST", "message": "Encountered an unexpected error",
                   "stack_trace": "Traceback (most recent call last): ..."}
-    assert "stack_trace" not in serving.clean_error(400, json.dumps(unexpected).encode())
-    assert serving.clean_error(504, b"Request processing time exceeded limit") == {
+    assert "stack_trace" not in scoring.clean_error(400, json.dumps(unexpected).encode())
+    assert scoring.clean_error(504, b"Request processing time exceeded limit") == {
         "error_code": "GATEWAY_TIMEOUT", "message": "Request processing time exceeded limit"}
-    long = serving.clean_error(400, json.dumps({"message": "x" * 10_000}).encode())["message"]
-    assert len(long) == serving.MAX_ERROR_CHARS + len("...")
+    long = scoring.clean_error(400, json.dumps({"message": "x" * 10_000}).encode())["message"]
+    assert len(long) == scoring.MAX_ERROR_CHARS + len("...")

@@ -1,5 +1,6 @@
 """Shipping: export, the image's entrypoint outside Docker, Dockerfile/workflow lint, the build context."""
 
+import ast
 import fnmatch
 import json
 import os
@@ -13,20 +14,22 @@ import pytest
 import requests
 import yaml
 from conftest import BIN, REPO, project_env
+from harness import free_port, wait_until_up
 
 from fmnist_pyfunc import config, registry
 from fmnist_pyfunc.preprocessing import png_base64
-from fmnist_pyfunc.servers import free_port, wait_until_up
 
 NEVER_IN_IMAGE = (".venv", "mlruns", "mlflow.db", "optuna.db", "tests", ".git", "data")
 
 
 def test_dockerfile_passes_hadolint():
+    """The Dockerfile passes hadolint."""
     result = subprocess.run([str(BIN / "hadolint"), "Dockerfile"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_workflows_pass_actionlint():
+    """The GitHub workflows pass actionlint."""
     result = subprocess.run([str(BIN / "actionlint")], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -43,6 +46,8 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_build_context_is_exactly_what_the_dockerfile_copies():
+    """Everything the Dockerfile copies or mounts is in the build context, and nothing private (data, runs, the
+    venv, .git) is."""
     patterns = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")]
     copy_lines = re.findall(r"^COPY (?:--chown=\S+ )?(?!--from)(.+)$", (REPO / "Dockerfile").read_text(), re.M)
@@ -102,6 +107,8 @@ def test_one_port_convention_everywhere():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     assert compose["scoring"]["ports"][0].endswith(f":{config.SCORING_PORT}")
     assert compose["ui"]["ports"][0].endswith(f":{config.UI_PORT}")
+    assert compose["scoring"]["entrypoint"][-2:] == ["--port", str(config.SCORING_PORT)]
+    assert compose["ui"]["entrypoint"][-2:] == ["--port", str(config.UI_PORT)]
     assert app.DEFAULT_SCORING_URL.endswith(f":{config.SCORING_PORT}")
 
 
@@ -116,8 +123,8 @@ def test_image_installs_exactly_pyprojects_dependencies():
     assert not re.search(r"\w==\d", (REPO / "Dockerfile").read_text()), "the Dockerfile pins a version itself"
 
 
-SERVING_MODULES = ("entrypoints.container", "entrypoints.serve", "entrypoints.export", "fmnist_pyfunc.serving",
-                   "fmnist_pyfunc.pyfunc_model", "webui.app")
+SERVING_MODULES = ("entrypoints.container", "entrypoints.serve", "entrypoints.ui", "entrypoints.export",
+                   "fmnist_pyfunc.scoring", "fmnist_pyfunc.pyfunc_model", "webui.app")
 
 
 def test_serving_imports_no_training_code():
@@ -155,7 +162,8 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
     try:
         wait_until_up(f"http://127.0.0.1:{ui_port}/health", process, log)
         body = {"dataframe_records": [{"pixels": dataset.test_images[0].tolist()}]}
-        assert requests.post(f"http://127.0.0.1:{scoring_port}/invocations", json=body, timeout=30).status_code == 200
+        answer = requests.post(f"http://127.0.0.1:{scoring_port}/invocations", json=body, timeout=30)
+        assert answer.status_code == 200 and answer.headers["X-Model-Version"] == production  # from model_info.json
         api_body = {"images": [png_base64(dataset.test_images[0])]}
         assert requests.post(f"http://127.0.0.1:{ui_port}/predict", json=api_body, timeout=30).status_code == 200
         assert requests.get(f"http://127.0.0.1:{ui_port}/model_info", timeout=10).json()["version"] == production
@@ -169,9 +177,35 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
 
 
 def test_compose_team_profile_runs_a_tracking_server_on_postgres():
+    """compose's team profile runs a tracking server on PostgreSQL with proxied artifacts, started only once the
+    database is healthy."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     tracking = compose["tracking"]
     command = " ".join(tracking["entrypoint"])
     assert tracking["profiles"] == ["team"] and "postgresql://" in command
     assert "--artifacts-destination" in command
     assert tracking["depends_on"]["postgres"]["condition"] == "service_healthy"
+
+
+def _imported_modules(path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    return names | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def test_the_library_imports_neither_its_clients_nor_the_harness():
+    """fmnist_pyfunc/ is the product: it never imports the entry points, the UI, or the test harness, so
+    there is no import circle and each room can change without the library noticing."""
+    for path in sorted((REPO / "fmnist_pyfunc").glob("*.py")):
+        outside = {m for m in _imported_modules(path) if m.split(".")[0] in ("entrypoints", "webui", "harness",
+                                                                              "conftest", "tests", "benchmarks")}
+        assert not outside, (path.name, outside)
+
+
+def test_every_test_states_the_property_it_checks():
+    """Each test function has a docstring: the property it checks, read before its code."""
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        bare = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)
+                and node.name.startswith("test") and not ast.get_docstring(node)]
+        assert not bare, (path.name, bare)

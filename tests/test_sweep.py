@@ -18,6 +18,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_sweep_links_children_and_promotes_the_best(tracking_uri, tmp_path, dataset):
+    """A quick sweep under `mlflow run` logs one parent with 3 finished child runs, each with every training
+    parameter and a model; the parent names the best child and its plots; Production then loads and predicts."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     mlflow_run("sweep", {"preset": "quick", "n_trials": 3, "storage": storage, "study": "e2e"},
                tracking_uri, "e2e-sweep", tmp_path)

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import requests
 from conftest import BIN, REPO, project_env
+from harness import free_port, wait_until_up
 
 from fmnist_pyfunc import config
-from fmnist_pyfunc.servers import free_port, wait_until_up
 
 pytestmark = pytest.mark.e2e
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -110,7 +110,7 @@ def _children(study: str) -> list:
 
 def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server, tmp_path, dataset):
     """Every trial runs once, the count equals the budget, one promotion, Production served via the server."""
-    # As the README says: create the experiment once before starting workers. `mlflow run` creates a missing
+    # As docs/team.md says: create the experiment once before starting workers. `mlflow run` creates a missing
     # experiment itself, and two workers starting at the same moment race on that (RESOURCE_ALREADY_EXISTS).
     mlflow.MlflowClient(tracking_server).create_experiment("team")
     workers = [_worker(postgres, tracking_server, tmp_path, "team") for _ in range(2)]
@@ -150,6 +150,8 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
 
 
 def test_postgres_down_mid_sweep_fails_clearly_and_resumes(postgres, tracking_server, tmp_path):
+    """PostgreSQL stopped mid-sweep: the worker exits non-zero with the 'lost the study storage' message; finished
+    runs stay; the same command completes the budget once it is back."""
     worker = _worker(postgres, tracking_server, tmp_path, "outage")
     lines = []
     for line in worker.stdout:

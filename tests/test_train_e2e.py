@@ -39,6 +39,8 @@ def _model_uri(run) -> str:
 
 
 def test_logged_model_predicts_both_input_kinds(trained_run, dataset):
+    """The logged pyfunc answers pixels and PNGs in one batch with the documented columns, probabilities summing to
+    1, and better than chance on each kind."""
     model = mlflow.pyfunc.load_model(_model_uri(trained_run))
     images, labels = dataset.test_images[:200], dataset.test_labels[:200]
     frame = pd.DataFrame({"pixels": [img.tolist() for img in images[:100]] + [None] * 100,
@@ -64,7 +66,7 @@ def test_serving_input_example_validates_without_pickle(trained_run, monkeypatch
 
 
 def test_contract_json_records(trained_run, dataset):
-    """The README's dataframe_records payload, parsed as the scoring server does."""
+    """docs/serving.md's dataframe_records payload, parsed as the scoring server does."""
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
     model = mlflow.pyfunc.load_model(_model_uri(trained_run))
@@ -75,6 +77,8 @@ def test_contract_json_records(trained_run, dataset):
 
 
 def test_bad_input_is_an_mlflow_invalid_parameter_error(trained_run):
+    """Bad input to the pyfunc raises MlflowException with HTTP status 400 and a reason, as the scoring server
+    needs."""
     from mlflow.exceptions import MlflowException
 
     model = mlflow.pyfunc.load_model(_model_uri(trained_run))
@@ -86,6 +90,7 @@ def test_bad_input_is_an_mlflow_invalid_parameter_error(trained_run):
 @pytest.mark.parametrize("args, message", [(["--epochs", "-1"], "epochs"), (["--arch", "resnet"], "arch"),
                                             (["--batch-size", "0"], "batch_size")])
 def test_bad_parameters_fail_fast_without_creating_a_run(tracking_uri, tmp_path, args, message):
+    """Bad training parameters exit with code 2 and the reason, before any run is created."""
     result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--experiment", "bad-params", *args],
                             cwd=tmp_path, env=project_env(tracking_uri), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr

@@ -1,8 +1,10 @@
 """Flask upload UI. It never loads torch or the model: every prediction goes to the scoring server.
 
-    gunicorn -b 127.0.0.1:8000 'webui.app:create_app()'      (what `make ui` runs)
-Configuration (environment): FMNIST_SCORING_URL (default http://127.0.0.1:5001), MLFLOW_TRACKING_URI
-(for /model_info), FMNIST_MODEL_INFO (a JSON file used when no registry is reachable).
+    python -m entrypoints.ui          (what `make ui` runs: gunicorn 'webui.app:create_app()')
+Configuration (environment): FMNIST_SCORING_URL (default http://127.0.0.1:5001). What model answers is the
+scoring server's to say: /model_info relays its GET /model, and each prediction carries the X-Model-*
+headers of the answer it came in, so the page can never name another model than the one that answered.
+GET /metrics: Prometheus text format (fmnist_pyfunc/metrics.py).
 
 POST /predict takes either
   * the page's form upload (multipart/form-data, field `files`), which must carry the page's CSRF token
@@ -17,7 +19,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import json
 import os
 import secrets
 import time
@@ -25,16 +26,14 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import mlflow
 import requests
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from fmnist_pyfunc import preprocessing, registry, servers  # no torch: numpy, Pillow, mlflow's client, requests
-from fmnist_pyfunc.config import CLASS_NAMES
+from fmnist_pyfunc import config, metrics, preprocessing  # no torch, no MLflow: numpy, Pillow, prometheus_client
 from webui import samples
 
-DEFAULT_SCORING_URL = f"http://{servers.LOOPBACK}:{servers.SCORING_PORT}"
+DEFAULT_SCORING_URL = f"http://{config.LOOPBACK}:{config.SCORING_PORT}"
 MAX_FILES = 16                        # images per request: one scoring call, well under its 1,024-row limit
 MAX_FILE_BYTES = 5 * 2**20            # 5 MiB per image: phone photos fit, anything larger is not a photo
 # All files of one request. As base64 (x4/3) they must fit the scoring server's body limit
@@ -45,7 +44,9 @@ CSRF_HEADER = "X-CSRF-Token"
 CSRF_FIELD = "csrf_token"
 UPSTREAM_TIMEOUT_S = 10.0             # a healthy server answers a 16-image batch in well under a second
 HEALTH_TIMEOUT_S = 2.0
-MODEL_INFO_TTL_S = 30.0               # registry lookups are cached: the page polls /model_info
+MODEL_INFO_TTL_S = 5.0                # the page polls /model_info; the scoring server follows within 10 s
+MODEL_HEADERS = {"name": "X-Model-Name", "version": "X-Model-Version", "run_id": "X-Model-Run-Id"}
+ROUTES = frozenset({"/", "/predict", "/model_info", "/health", "/metrics", "/samples/<int:index>.png"})
 
 
 class UploadError(Exception):
@@ -114,7 +115,9 @@ def _read_uploads() -> list[tuple[str, bytes]]:
     return uploads
 
 
-def _score(session: requests.Session, scoring_url: str, images: list[bytes], timeout_s: float) -> list[dict]:
+def _score(session: requests.Session, scoring_url: str, images: list[bytes],
+           timeout_s: float) -> tuple[list[dict], dict]:
+    """The predictions, and the model that made them (from the answer's X-Model-* headers)."""
     body = {"dataframe_records": [{"image": base64.b64encode(img).decode()} for img in images]}
     try:
         response = session.post(f"{scoring_url}/invocations", json=body, timeout=timeout_s)
@@ -126,33 +129,44 @@ def _score(session: requests.Session, scoring_url: str, images: list[bytes], tim
         raise UploadError("the model could not read one of these images", 422)
     if response.status_code != 200:
         raise UploadError("the model server failed to answer; try again in a moment", 502)
-    return response.json()["predictions"]
+    model = {key: response.headers.get(header) for key, header in MODEL_HEADERS.items()}
+    return response.json()["predictions"], model
 
 
-def _model_info(tracking_uri: str | None, model_info_file: str | None) -> dict | None:
-    """From the registry when a tracking URI is set; else (a container) from the exported metadata file."""
-    if tracking_uri:
-        try:
-            return registry.champion_info()
-        except Exception:  # registry down or no champion yet: the file below, if any, is the next best
-            pass
-    if model_info_file and Path(model_info_file).is_file():
-        return json.loads(Path(model_info_file).read_text())
-    return None
+def _served_model(session: requests.Session, scoring_url: str) -> dict | None:
+    """The scoring server's GET /model, or None when it cannot say."""
+    try:
+        response = session.get(f"{scoring_url}/model", timeout=HEALTH_TIMEOUT_S)
+    except requests.RequestException:
+        return None
+    return response.json() if response.status_code == 200 else None
 
 
-def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
-               model_info_file: str | None = None, upstream_timeout_s: float = UPSTREAM_TIMEOUT_S) -> Flask:
+def _observe(app: Flask) -> None:
+    """Requests by route and status, latency and request bytes, as the scoring server counts them."""
+
+    @app.before_request
+    def started():
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def observed(response):
+        rule = request.url_rule.rule if request.url_rule else request.path
+        route = metrics.route_label(rule, ROUTES)
+        metrics.REQUESTS.labels("ui", route, str(response.status_code)).inc()
+        metrics.LATENCY.labels("ui", route).observe(time.perf_counter() - g.get("started", time.perf_counter()))
+        metrics.REQUEST_BYTES.labels("ui", route).inc(request.content_length or 0)
+        return response
+
+
+def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTREAM_TIMEOUT_S) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     scoring_url = (scoring_url or os.environ.get("FMNIST_SCORING_URL", DEFAULT_SCORING_URL)).rstrip("/")
-    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    model_info_file = model_info_file or os.environ.get("FMNIST_MODEL_INFO")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)  # the registry behind /model_info
     gallery = samples.load_gallery()
     upstream = requests.Session()  # keep-alive to the scoring server: no TCP handshake per prediction
     info_cache: dict = {"at": 0.0, "value": None}
+    _observe(app)
 
     @app.errorhandler(UploadError)
     def upload_error(err: UploadError):
@@ -181,11 +195,11 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
     def predict():
         _check_csrf()
         uploads = _read_uploads()
-        predictions = _score(upstream, scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
+        predictions, model = _score(upstream, scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
                     "probability": max(p["probabilities"]), "probabilities": p["probabilities"]}
                    for (name, _), p in zip(uploads, predictions, strict=True)]
-        return jsonify(results=results, class_names=CLASS_NAMES)
+        return jsonify(results=results, class_names=config.CLASS_NAMES, model=model)
 
     @app.get("/samples/<int:index>.png")
     def sample_image(index: int):
@@ -196,11 +210,16 @@ def create_app(scoring_url: str | None = None, tracking_uri: str | None = None,
     @app.get("/model_info")
     def model_info():
         if time.monotonic() - info_cache["at"] > MODEL_INFO_TTL_S or info_cache["value"] is None:
-            info = _model_info(tracking_uri, model_info_file)
+            info = _served_model(upstream, scoring_url)
             if info is None:
-                return jsonify(error="model information is not available"), 503
+                return jsonify(error="the scoring server cannot say which model it serves right now"), 503
             info_cache.update(at=time.monotonic(), value=info)
         return jsonify(info_cache["value"])
+
+    @app.get("/metrics")
+    def prometheus_metrics():
+        body, content_type = metrics.exposition()
+        return Response(body, content_type=content_type)
 
     @app.get("/health")
     def health():

@@ -12,7 +12,14 @@ const csrfToken = document.querySelector('meta[name="csrf-token"]').content;
 
 function showMessage(text) { message.textContent = text || ""; }
 
-function card(result, previewUrl, classNames) {
+let headerVersion = null;  // the version the header names; a prediction from another one refreshes it
+
+function modelLabel(model) {
+  if (!model || !model.name) { return "an unnamed model"; }
+  return model.version ? `${model.name} v${model.version}` : model.name;
+}
+
+function card(result, previewUrl, classNames, model) {
   const el = document.createElement("div");
   el.className = "card";
   el.dataset.prediction = result.class_name;
@@ -27,7 +34,10 @@ function card(result, previewUrl, classNames) {
   const prediction = document.createElement("div");
   prediction.className = "prediction";
   prediction.textContent = `${result.class_name} (${(100 * result.probability).toFixed(1)} %)`;
-  text.append(name, prediction);
+  const answeredBy = document.createElement("div");
+  answeredBy.className = "muted answered-by";
+  answeredBy.textContent = `answered by ${modelLabel(model)}`;
+  text.append(name, prediction, answeredBy);
   head.append(img, text);
   const chart = document.createElement("div");
   chart.className = "chart";
@@ -66,8 +76,9 @@ async function classify(files) {
   if (!response.ok) { showMessage(payload.error || `request failed (${response.status})`); return; }
   showMessage("");
   payload.results.forEach((result, i) => {
-    results.prepend(card(result, URL.createObjectURL(files[i]), payload.class_names));
+    results.prepend(card(result, URL.createObjectURL(files[i]), payload.class_names, payload.model));
   });
+  if (payload.model && payload.model.version !== headerVersion) { refreshStatus(); }
 }
 
 input.addEventListener("change", () => { classify(Array.from(input.files)); input.value = ""; });
@@ -91,8 +102,14 @@ async function refreshStatus() {
     const r = await fetch("/model_info");
     const m = await r.json();
     if (r.ok) {
-      const acc = m.metrics && m.metrics.test_accuracy ? `, test accuracy ${(100 * m.metrics.test_accuracy).toFixed(2)} %` : "";
-      info.textContent = `model: ${m.name} v${m.version} (stage ${m.stage}, alias @${m.alias})${acc}`;
+      const details = [];
+      if (m.stage) { details.push(`stage ${m.stage}`); }
+      (m.aliases || []).forEach((a) => details.push(`alias @${a}`));
+      if (m.metrics && m.metrics.test_accuracy) {
+        details.push(`test accuracy ${(100 * m.metrics.test_accuracy).toFixed(2)} %`);
+      }
+      headerVersion = m.version || null;
+      info.textContent = `model: ${modelLabel(m)}${details.length ? ` (${details.join(", ")})` : ""}`;
     } else { info.textContent = `model: ${m.error}`; }
   } catch (err) { info.textContent = "model: unknown"; }
   try {

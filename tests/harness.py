@@ -1,6 +1,8 @@
-"""The two HTTP servers as child processes: the commands that start them, waiting for them, stopping them.
+"""Test and benchmark harness: the two HTTP servers as child processes (started through their entry points,
+as `make serve` and `make ui` do), waiting for them, stopping them, a browser-like UI client, memory.
 
-One place for the container entrypoint, `make`, the benchmarks and the tests. Nothing here imports torch.
+Used by tests/, benchmarks/ and container/smoke.py (which put this folder on sys.path). Nothing here imports
+torch, and the product never imports this.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ from pathlib import Path
 
 import requests
 
-from fmnist_pyfunc.config import LOOPBACK, SCORING_PORT, UI_PORT  # noqa: F401  (servers.X for callers)
+from fmnist_pyfunc.config import LOOPBACK
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 180  # a cold start imports torch and MLflow and downloads the model: ~10 s, slow disks more
 STOP_TIMEOUT_S = 20      # SIGTERM grace before SIGKILL (docker stop waits 10 s by default)
 POLL_S = 0.5
-UI_THREADS = 4           # per gunicorn worker: requests mostly wait on the scoring server
 
 
 def scoring_command(model_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
@@ -30,8 +31,8 @@ def scoring_command(model_uri: str, host: str, port: int, workers: int = 1) -> l
 
 
 def ui_command(host: str, port: int, workers: int) -> list[str]:
-    return [str(BIN / "gunicorn"), "--workers", str(workers), "--threads", str(UI_THREADS),
-            "--bind", f"{host}:{port}", "webui.app:create_app()"]
+    return [str(BIN / "python"), "-m", "entrypoints.ui", "--host", host, "--port", str(port),
+            "--workers", str(workers)]
 
 
 def child_env(**extra: str) -> dict:

@@ -1,0 +1,53 @@
+"""Prometheus metrics of both servers, correct across worker processes.
+
+uvicorn and gunicorn fork or spawn several workers; each keeps its own counters. The entry points
+(`entrypoints/serve.py`, `entrypoints/ui.py`) give every server a fresh PROMETHEUS_MULTIPROC_DIR before any
+worker imports prometheus_client, so each worker writes its values there and `/metrics`, whichever worker
+answers, sums them all. Without that variable (an app built in-process) the values are this process's.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Single images take ~3 ms, batches of 256 ~100 ms, a slow upstream up to the UI's 10 s timeout.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+OTHER_ROUTE = "other"  # unknown paths share one label: a scanner must not create one time series per URL
+
+REQUESTS = Counter("fmnist_http_requests", "HTTP requests answered", ["server", "route", "status"])
+LATENCY = Histogram("fmnist_http_request_seconds", "Time from request to the end of the answer",
+                    ["server", "route"], buckets=LATENCY_BUCKETS_S)
+REQUEST_BYTES = Counter("fmnist_http_request_bytes", "Request body bytes received", ["server", "route"])
+IMAGES = Counter("fmnist_images_scored", "Rows scored, by input kind (pixels, image)", ["kind"])
+PREDICTED = Counter("fmnist_predicted_class", "Predictions, by predicted class", ["class_name"])
+# 1 for the version a worker serves now, 0 for those it served before; "liveall": one series per live worker.
+MODEL = Gauge("fmnist_model_info", "The model version a scoring worker serves", ["name", "version", "run_id"],
+              multiprocess_mode="liveall")
+RELOADS = Counter("fmnist_model_reloads", "New model versions loaded and swapped in")
+RELOAD_FAILURES = Counter("fmnist_model_reload_failures", "New versions refused (download, load or self-check failed)")
+
+
+def route_label(path: str, routes: frozenset[str]) -> str:
+    return path if path in routes else OTHER_ROUTE
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text format of every worker's values, and its content type."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST

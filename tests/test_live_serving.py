@@ -1,0 +1,266 @@
+"""Live serving on real servers and a real registry: the scoring server follows promotions without a restart
+or a failed request, refuses a broken version, follows a rollback, names the model in every answer, and
+both servers count what they did in /metrics."""
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import harness
+import mlflow
+import pytest
+import requests
+
+from fmnist_pyfunc import config, live_model, metrics, registry, scoring, tracking
+from fmnist_pyfunc.pyfunc_model import WEIGHTS_ARTIFACT
+
+pytestmark = pytest.mark.e2e
+
+NAME = config.REGISTERED_MODEL_NAME
+FOLLOW_S = 1.0           # the servers under test re-resolve Production this often
+SWITCH_DEADLINE_S = 30   # a download and load of a tiny model takes ~1-2 s; generous for a busy CI machine
+TINY = {"epochs": 1, "max_train_samples": 2000, "width": 8, "val_size": 500}
+
+
+def _promote(version: str) -> None:
+    """What promote does once its gate has passed: Production (older ones Archived) and the alias."""
+    client = mlflow.MlflowClient()
+    with registry.stages_quietly():
+        client.transition_model_version_stage(NAME, version, "Production", archive_existing_versions=True)
+    client.set_registered_model_alias(NAME, registry.CHAMPION_ALIAS, version)
+
+
+def _broken_version(good_version: str, tmp_path) -> str:
+    """A new version whose weights artifact is garbage: it registers fine and fails to load."""
+    folder = mlflow.artifacts.download_artifacts(f"models:/{NAME}/{good_version}", dst_path=str(tmp_path / "copy"))
+    weights = next(p for p in (tmp_path / "copy").rglob("*") if p.is_file() and WEIGHTS_ARTIFACT in p.name)
+    weights.write_bytes(b"not a state dict")
+    with mlflow.start_run(run_name="broken") as run:
+        mlflow.log_artifacts(folder, "model")
+    return str(mlflow.register_model(f"runs:/{run.info.run_id}/model", NAME).version)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tracking_uri, dataset):
+    """A registry of its own with two tiny versions, v1 in Production."""
+    root = tmp_path_factory.mktemp("live")
+    uri = f"sqlite:///{root}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("live")
+    versions = []
+    for seed in (0, 1):
+        run_id = tracking.run_training(config.validate({**TINY, "seed": seed}), dataset, progress=False)
+        versions.append(str(mlflow.register_model(mlflow.get_run(run_id).data.tags["model_uri"], NAME).version))
+    _promote(versions[0])
+    yield uri, versions, root
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+@pytest.fixture(scope="module")
+def servers(store):
+    """A scoring server with two workers following Production every FOLLOW_S, and the UI in front of it."""
+    uri, _, root = store
+    env = harness.child_env(MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    port, ui_port = harness.free_port(), harness.free_port()
+    command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port, workers=2)
+    scoring_process = harness.start(command + ["--follow-interval-s", str(FOLLOW_S)], env,
+                                    f"http://127.0.0.1:{port}/ping", root / "serve.log")
+    ui_process = harness.start(harness.ui_command(config.LOOPBACK, ui_port, workers=2),
+                               {**env, "FMNIST_SCORING_URL": f"http://127.0.0.1:{port}"},
+                               f"http://127.0.0.1:{ui_port}/health", root / "ui.log")
+    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
+    harness.stop(ui_process)
+    harness.stop(scoring_process)
+
+
+class Client(threading.Thread):
+    """Scores one image after another until stopped; keeps every answer's status and X-Model-Version."""
+
+    def __init__(self, url: str, pixels: list):
+        super().__init__(daemon=True)
+        self.url, self.body, self.answers, self.running = url, {"dataframe_records": [{"pixels": pixels}]}, [], True
+
+    def run(self):
+        with requests.Session() as session:
+            while self.running:
+                try:
+                    response = session.post(f"{self.url}/invocations", json=self.body, timeout=30)
+                    self.answers.append((response.status_code, response.headers.get("X-Model-Version")))
+                except requests.RequestException as exc:
+                    self.answers.append((type(exc).__name__, None))
+
+    def wait_for(self, version: str, timeout_s: float = SWITCH_DEADLINE_S) -> float:
+        """Seconds until the last 20 answers all came from `version` (both workers answer in turn)."""
+        started = time.time()
+        while time.time() - started < timeout_s:
+            recent = self.answers[-20:]
+            if len(recent) == 20 and all(v == version for _, v in recent):
+                return time.time() - started
+            time.sleep(0.2)
+        raise AssertionError(f"still answering {sorted(set(v for _, v in self.answers[-20:]))}, not v{version}")
+
+
+def _metric(url: str, name: str, **labels) -> float:
+    """The sum of a metric's samples whose labels include `labels`, from GET /metrics."""
+    text = requests.get(f"{url}/metrics", timeout=10).text
+    total = 0.0
+    for match in re.finditer(rf"^{name}(?:{{(.*?)}})? (\S+)$", text, re.M):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(match.group(2))
+    return total
+
+
+def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, store, dataset):
+    """While a client scores continuously, promoting v2 switches both workers' answers to v2 within the follow
+    interval (plus a load), with zero failed requests; /model and the UI name the version that answered."""
+    scoring_url, ui_url = servers
+    _, (v1, v2), _ = store
+    client = Client(scoring_url, dataset.test_images[0].tolist())
+    client.start()
+    try:
+        client.wait_for(v1)
+        _promote(v2)
+        took = client.wait_for(v2)
+    finally:
+        client.running = False
+        client.join()
+    statuses = [status for status, _ in client.answers]
+    assert statuses.count(200) == len(statuses) > 50, sorted(set(map(str, statuses)))
+    versions = [v for _, v in client.answers]
+    assert versions[versions.index(v2):].count(v1) <= 2 * 20, "a worker went back to v1"  # the other may lag
+    print(f"{len(statuses)} requests, switched to v{v2} {took:.1f} s after the last v{v1}-only window")
+    info = requests.get(f"{scoring_url}/model", timeout=10).json()
+    assert (info["name"], info["version"], info["stage"]) == (NAME, v2, "Production")
+    assert registry.CHAMPION_ALIAS in info["aliases"] and info["signature"]["inputs"] and info["loaded_at"]
+    answer = requests.post(f"{ui_url}/predict", json={"images": [_png(dataset)]}, timeout=30).json()
+    assert answer["model"]["version"] == v2 and answer["model"]["name"] == NAME and answer["model"]["run_id"]
+    time.sleep(5.5)  # past the UI's cache of /model
+    assert requests.get(f"{ui_url}/model_info", timeout=10).json()["version"] == v2
+    assert _metric(scoring_url, "fmnist_model_reloads_total") == 2  # each of the two workers, once
+    assert _metric(scoring_url, "fmnist_model_info", version=v2) == 2
+
+
+def test_a_broken_version_is_refused_and_a_rollback_is_followed(servers, store, dataset, tmp_path):
+    """A version whose weights are garbage is never served: answers stay on the old version, /health says
+    degraded and why, the failure is counted; promoting v1 again (a rollback) is followed and heals /health."""
+    scoring_url, _ = servers
+    _, (v1, v2), _ = store
+    broken = _broken_version(v2, tmp_path)
+    client = Client(scoring_url, dataset.test_images[1].tolist())
+    client.start()
+    try:
+        _promote(broken)
+        deadline = time.time() + SWITCH_DEADLINE_S
+        while requests.get(f"{scoring_url}/health", timeout=10).json()["status"] != "degraded":
+            assert time.time() < deadline, "never reported the broken version"
+            time.sleep(0.5)
+        health = requests.get(f"{scoring_url}/health", timeout=10).json()
+        assert f"v{broken} is not served" in health["reason"] and health["model"]["version"] == v2
+        forced = requests.post(f"{scoring_url}/reload", timeout=60)  # asking again does not make it load
+        assert forced.status_code == 200 and forced.json()["status"] == "degraded"
+        time.sleep(2 * FOLLOW_S)
+        assert {v for _, v in client.answers} == {v2}
+        assert _metric(scoring_url, "fmnist_model_reload_failures_total") >= 2  # both workers refused it
+        _promote(v1)
+        client.wait_for(v1)
+    finally:
+        client.running = False
+        client.join()
+    assert all(status == 200 for status, _ in client.answers)
+    deadline = time.time() + SWITCH_DEADLINE_S
+    while requests.get(f"{scoring_url}/health", timeout=10).json()["status"] != "ok":
+        assert time.time() < deadline, "still degraded after the rollback"
+        time.sleep(0.5)
+
+
+COUNTED = {  # name -> (server, metric, labels)
+    "ok": ("scoring", "fmnist_http_requests_total", {"route": "/invocations", "status": "200"}),
+    "bad": ("scoring", "fmnist_http_requests_total", {"route": "/invocations", "status": "400"}),
+    "images": ("scoring", "fmnist_images_scored_total", {"kind": "image"}),
+    "pixels": ("scoring", "fmnist_images_scored_total", {"kind": "pixels"}),
+    "classes": ("scoring", "fmnist_predicted_class_total", {}),
+    "bytes": ("scoring", "fmnist_http_request_bytes_total", {"route": "/invocations"}),
+    "timed": ("scoring", "fmnist_http_request_seconds_count", {"route": "/invocations"}),
+    "ui": ("ui", "fmnist_http_requests_total", {"server": "ui", "route": "/predict", "status": "200"}),
+}
+
+
+def _counts(urls: dict) -> dict:
+    return {key: _metric(urls[server], name, **labels) for key, (server, name, labels) in COUNTED.items()}
+
+
+def test_metrics_count_the_requests_sent(servers, dataset):
+    """/metrics moves by exactly the requests sent: answers by route and status, rows by input kind, predicted
+    classes, request bytes, on the scoring server and on the UI, summed over their worker processes."""
+    scoring_url, ui_url = servers
+    urls = {"scoring": scoring_url, "ui": ui_url}
+    before, sent = _counts(urls), 0
+    for i in range(5):
+        rows = [{"image": _png(dataset, i)}, {"pixels": dataset.test_images[i].tolist()},
+                {"pixels": dataset.test_images[i + 1].tolist()}]
+        body = json.dumps({"dataframe_records": rows}).encode()
+        sent += len(body)
+        response = requests.post(f"{scoring_url}/invocations", data=body, timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        assert response.status_code == 200
+    bad = {"dataframe_records": [{"pixels": [[1]]}]}
+    assert requests.post(f"{scoring_url}/invocations", json=bad, timeout=30).status_code == 400
+    for i in range(3):  # each one image, scored through the scoring server
+        assert requests.post(f"{ui_url}/predict", json={"images": [_png(dataset, i)]}, timeout=30).status_code == 200
+    time.sleep(1)  # rows and classes are counted after each answer has gone out
+    after = _counts(urls)
+    moved = {key: after[key] - before[key] for key in COUNTED}
+    assert {k: moved[k] for k in ("ok", "bad", "images", "pixels", "classes", "ui")} == {
+        "ok": 5 + 3, "bad": 1, "images": 5 + 3, "pixels": 10, "classes": 15 + 3, "ui": 3}
+    assert moved["bytes"] >= sent and moved["timed"] == 5 + 3 + 1
+
+
+def _png(dataset, index: int = 0) -> str:
+    from fmnist_pyfunc.preprocessing import png_base64
+
+    return png_base64(dataset.test_images[index])
+
+
+@pytest.mark.parametrize("uri, reference", [
+    ("models:/fashion-mnist-cnn/Production", ("fashion-mnist-cnn", "Production")),
+    ("models:/fashion-mnist-cnn@champion", ("fashion-mnist-cnn", "@champion")),
+    ("models:/fashion-mnist-cnn/latest", ("fashion-mnist-cnn", "latest")),
+    ("models:/fashion-mnist-cnn/3", None),
+    ("runs:/0123456789abcdef/model", None),
+    ("export/model", None),
+])
+def test_only_references_that_can_move_are_followed(uri, reference):
+    """A stage, an alias or `latest` is followed; a version number, a run or a folder is served as is."""
+    assert live_model.moving_reference(uri) == reference
+
+
+def test_reload_answers_only_on_the_servers_own_machine():
+    """POST /reload from another address is 403 and touches nothing; GET /reload is 405."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def call(method: str, client: str):
+        sent.clear()
+        scope = {"type": "http", "path": "/reload", "method": method, "client": (client, 4242), "headers": []}
+        await scoring.ScoringApp(live=None)(scope, None, send)
+        return sent[0]["status"]
+
+    assert asyncio.run(call("POST", "10.1.2.3")) == 403
+    assert asyncio.run(call("GET", "127.0.0.1")) == 405
+
+
+def test_rows_are_counted_by_kind_in_every_json_layout():
+    """Input kinds are read from records, split and columnar payloads; a bare tensor is pixels."""
+    pixels, image = [[0] * 28] * 28, "iVBORw0KGgo="
+    records = {"dataframe_records": [{"image": image}, {"pixels": pixels}]}
+    assert scoring.input_kinds(records, 2) == ["image", "pixels"]
+    split = {"dataframe_split": {"columns": ["pixels", "image"], "data": [[None, image], [pixels, None]]}}
+    assert scoring.input_kinds(split, 2) == ["image", "pixels"]
+    assert scoring.input_kinds({"inputs": {"image": [image, None], "pixels": [None, pixels]}}, 2) == ["image", "pixels"]
+    assert scoring.input_kinds({"inputs": [pixels, pixels]}, 2) == ["pixels", "pixels"]
+    assert metrics.route_label("/no/such/path", scoring.ROUTES) == metrics.OTHER_ROUTE

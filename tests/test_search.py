@@ -1,0 +1,48 @@
+"""The sweep's search space and its reading of failures, without training anything."""
+
+import optuna
+import pytest
+import requests
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
+
+from entrypoints import sweep as sweep_cli
+from fmnist_pyfunc import config, sweep
+
+
+@pytest.mark.parametrize("name", sorted(sweep.PRESETS))
+def test_every_suggestion_is_a_valid_training_config_inside_the_space(name):
+    """Sampled parameters stay inside the declared distributions and pass config.validate on top of the
+    preset's fixed values: the logged space is the one searched."""
+    preset = sweep.PRESETS[name]
+    space = sweep.search_space(preset)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        params = sweep.suggest(study.ask(), preset)
+        assert set(params) == set(space)
+        assert all(space[key]._contains(space[key].to_internal_repr(value)) for key, value in params.items())
+        config.validate({**config.TRAIN_DEFAULTS, **preset.fixed, **params})
+
+
+def test_default_presets_first_trial_is_the_tuned_defaults():
+    """The default preset starts from TRAIN_DEFAULTS, which must lie inside its own space."""
+    preset = sweep.PRESETS["default"]
+    assert preset.start_from_defaults
+    space = sweep.search_space(preset)
+    for key, distribution in space.items():
+        assert distribution._contains(distribution.to_internal_repr(config.TRAIN_DEFAULTS[key])), key
+
+
+@pytest.mark.parametrize("error, lost", [
+    (MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed with exception "
+                     "HTTPConnectionPool: Max retries exceeded"), True),
+    (MlflowException("API request to endpoint /api/2.0/mlflow/runs/create failed with error code 503 != 200"), True),
+    (MlflowException("Run 'abc' not found", error_code="RESOURCE_DOES_NOT_EXIST"), False),
+    (requests.exceptions.ConnectionError("connection refused"), True),
+    (sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection")), True),
+    (ValueError("a bug"), False),
+])
+def test_only_an_unreachable_backend_is_reported_as_lost(error, lost):
+    """The sweep tells the user to resume later only when the storage or tracking server is unreachable; any
+    other MLflow error (a bad run id, a permission) surfaces as itself."""
+    assert sweep_cli.lost_backend(error) is lost
