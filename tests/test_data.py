@@ -84,8 +84,8 @@ def test_split_is_stratified_disjoint_and_seeded(dataset):
 
 
 def test_augment_keeps_shape_and_content(dataset):
-    """Augmentation keeps shapes, 'none' is the identity, 'flip' yields each image or its mirror, and 'shift' never
-    invents brightness."""
+    """Augmentation keeps shapes, 'none' is the identity, 'flip' mirrors about half the images and keeps the rest,
+    'shift' moves nearly all of them and never invents brightness."""
     images = models.normalize(dataset.test_images[:64])
     generator = torch.Generator().manual_seed(0)
     for kind in AUGMENTS:
@@ -95,6 +95,10 @@ def test_augment_keeps_shape_and_content(dataset):
     flipped = augment.augment(images, "flip", generator)
     for original, result in zip(images, flipped, strict=True):
         assert torch.equal(result, original) or torch.equal(result, original.flip(2))
+    mirrored = sum(not torch.equal(result, original) for original, result in zip(images, flipped, strict=True))
+    assert 10 < mirrored < 54  # each image with probability 1/2: about 32 of 64, never none or all
     shifted = augment.augment(images, "shift", generator)
+    moved = sum(not torch.equal(result, original) for original, result in zip(images, shifted, strict=True))
+    assert moved >= 48  # 24 of the 25 offsets in [-2, 2]^2 move the image: about 61 of 64
     # A shift moves pixels but never invents brightness beyond the original's.
     assert shifted.max() <= images.max() + 1e-6 and shifted.min() >= augment.NORMALISED_BLACK - 1e-6

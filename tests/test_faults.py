@@ -2,6 +2,7 @@
 dataset under `mlflow run`. Nothing is lost and nothing is left half-done."""
 
 import gzip
+import re
 import shutil
 import subprocess
 import sys
@@ -72,22 +73,28 @@ def _champion() -> str:
 
 
 def test_two_promotions_at_once_leave_exactly_one_champion(private_store, tmp_path):
-    """Two `promote` processes started together on different runs: they take turns (the registry lock), so
-    exactly one version ends in Production with the alias, the other is Archived or was never promoted, and
-    the lock is gone."""
+    """Two `promote` processes started together on different runs, without --force: they take turns (the
+    registry lock), so the first finds Production empty and the second's gate compares against the first's
+    version; exactly one version ends in Production with the alias, the other is Archived (it won) or was
+    never promoted (it lost), and the lock is gone."""
     for name in ("first", "second"):
         mlflow_run("train", {**TINY_TRAIN, "epochs": "1", "seed": str(len(name))}, private_store, "race",
                    tmp_path)
     run_ids = [r.info.run_id for r in mlflow.search_runs(experiment_names=["race"], output_format="list")]
-    promoters = [subprocess.Popen([sys.executable, "-m", "entrypoints.promote", "--run-id", run_id,
-                                   "--force", "true"], cwd=tmp_path, env=project_env(private_store),
+    promoters = [subprocess.Popen([sys.executable, "-m", "entrypoints.promote", "--run-id", run_id],
+                                  cwd=tmp_path, env=project_env(private_store),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for run_id in run_ids]
     outputs = [p.communicate(timeout=600)[0] for p in promoters]
     assert all(p.returncode == 0 for p in promoters), outputs
+    first = next(o for o in outputs if "no model in Production yet" in o)
+    first_version = re.search(r"fashion-mnist-cnn v(\d+): PROMOTED", first).group(1)
+    second = outputs[1 - outputs.index(first)]
+    assert f"vs champion v{first_version} " in second, second  # the gate saw the first promotion
     stages = _stages()
-    assert sorted(stages.values()) == ["Archived", "Production"], stages
+    assert sorted(stages.values()) in (["Archived", "Production"], ["None", "Production"]), stages
     assert stages[_champion()] == "Production"
+    assert (stages[first_version] == "Production") == ("NOT promoted" in second)
     assert not mlflow.MlflowClient().search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
 
 

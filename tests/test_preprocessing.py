@@ -137,3 +137,17 @@ def test_oversized_batch_is_refused():
     """More rows than MAX_BATCH_ROWS are refused with the maximum named."""
     with pytest.raises(pre.InputError, match="maximum"):
         _batch(pixels=[np.zeros((28, 28)).tolist()] * (pre.MAX_BATCH_ROWS + 1))
+
+
+def test_the_pixel_limit_is_ours_not_pillows():
+    """Just over MAX_IMAGE_PIXELS (40 M, below Pillow's own bomb threshold of ~89 M) is refused by our check,
+    from the header; exactly at the limit is decoded and classified."""
+    assert pre.MAX_IMAGE_PIXELS < Image.MAX_IMAGE_PIXELS
+    width = 6400
+    over = encode(Image.new("1", (width, pre.MAX_IMAGE_PIXELS // width + 1)))
+    with pytest.raises(pre.InputError, match=f"image of {width}x6251 pixels exceeds 40,000,000 pixels"):
+        _batch(image=[over])
+    at_limit = Image.new("1", (width, pre.MAX_IMAGE_PIXELS // width))
+    at_limit.paste(1, (2000, 1000, 4400, 5250))  # a white block: something to trim to
+    assert _batch(image=[encode(at_limit)]).shape == (1, 28, 28)
+

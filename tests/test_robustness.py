@@ -12,7 +12,7 @@ import harness
 import numpy as np
 import pytest
 import requests
-from conftest import REPO, encode, exif_rotated_jpeg, upscaled
+from conftest import REPO, encode, exif_rotated_jpeg, project_env, upscaled
 from PIL import Image
 
 from entrypoints import container, serve
@@ -270,20 +270,33 @@ def _non_loopback_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-def test_servers_bind_to_loopback_unless_told_otherwise(scoring_url, ui_url):
-    """Every server's default bind address is 127.0.0.1, and the session's servers (started with defaults) are
-    unreachable on the machine's other address."""
+def test_servers_bind_to_loopback_unless_told_otherwise(production, tracking_uri, tmp_path):
+    """Both servers started with their defaults (no --host, as `python -m entrypoints.serve` and `.ui` run) are
+    unreachable on the machine's other address, where a socket bound to 0.0.0.0 is reachable."""
     assert serve.DEFAULT_HOST == config.LOOPBACK == "127.0.0.1"
     assert container.parser().get_default("host") == config.LOOPBACK
     assert re.search(r"^HOST\s*\?=\s*127\.0\.0\.1$", (REPO / "Makefile").read_text(), re.M)
     address = _non_loopback_address()
     if address is None:
         pytest.skip("no network interface besides loopback to probe")
-    for url in (scoring_url, ui_url):
-        port = int(url.rsplit(":", 1)[1])
-        with socket.socket() as s, pytest.raises(OSError):
-            s.settimeout(2)
-            s.connect((address, port))
+    with socket.socket() as exposed:  # the probe itself works: what binds everywhere is found
+        exposed.bind(("0.0.0.0", 0))
+        exposed.listen()
+        socket.create_connection((address, exposed.getsockname()[1]), timeout=2).close()
+    env = {**project_env(tracking_uri), "FMNIST_SCORING_URL": "http://127.0.0.1:1"}
+    ports = {"entrypoints.serve": harness.free_port(), "entrypoints.ui": harness.free_port()}
+    processes = [harness.start([str(harness.BIN / "python"), "-m", module, "--port", str(port)], env,
+                               f"http://127.0.0.1:{port}/ping" if module.endswith("serve")
+                               else f"http://127.0.0.1:{port}/", tmp_path / f"{module}.log")
+                 for module, port in ports.items()]
+    try:
+        for port in ports.values():
+            with socket.socket() as s, pytest.raises(OSError):
+                s.settimeout(2)
+                s.connect((address, port))
+    finally:
+        for process in processes:
+            harness.stop(process)
 
 
 def test_body_limits_fit_each_other():

@@ -17,12 +17,12 @@ from fmnist_pyfunc import config, sweep
 pytestmark = pytest.mark.e2e
 
 
-def test_sweep_links_children_and_promotes_the_best(tracking_uri, tmp_path, dataset):
+def test_sweep_links_children_and_promotes_the_best(private_store, tmp_path, dataset):
     """A quick sweep under `mlflow run` logs one parent with 3 finished child runs, each with every training
     parameter and a model; the parent names the best child and its plots; Production then loads and predicts."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
     mlflow_run("sweep", {"preset": "quick", "n_trials": 3, "storage": storage, "study": "e2e"},
-               tracking_uri, "e2e-sweep", tmp_path)
+               private_store, "e2e-sweep", tmp_path)
     runs = mlflow.search_runs(experiment_names=["e2e-sweep"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -35,10 +35,11 @@ def test_sweep_links_children_and_promotes_the_best(tracking_uri, tmp_path, data
     assert parent.data.tags["best_run_id"] == best.info.run_id
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "sweep")}
     assert {"sweep/search.png", "sweep/search_space.json", "sweep/trials.json"} <= artifacts
-    assert parent.data.tags["promotion.promoted"] in ("true", "false")
+    assert parent.data.tags["promotion.promoted"] == "true"  # an empty registry: the best is promoted
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         model = mlflow.pyfunc.load_model(config.PRODUCTION_MODEL_URI)
+    assert model.metadata.run_id == best.info.run_id
     frame = pd.DataFrame({"pixels": list(dataset.test_images[:50].astype(float))})
     assert (model.predict(frame)["class_index"].to_numpy() == dataset.test_labels[:50]).mean() > 0.5
 

@@ -9,6 +9,7 @@ import time
 import warnings
 from pathlib import Path
 
+import harness
 import mlflow
 import optuna
 import pandas as pd
@@ -17,7 +18,7 @@ import requests
 from conftest import BIN, REPO, project_env
 from harness import free_port, wait_until_up
 
-from fmnist_pyfunc import config
+from fmnist_pyfunc import config, registry
 
 pytestmark = pytest.mark.e2e
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
@@ -109,7 +110,8 @@ def _children(study: str) -> list:
 
 
 def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server, tmp_path, dataset):
-    """Every trial runs once, the count equals the budget, one promotion, Production served via the server."""
+    """Every trial runs once, the count equals the budget, one promotion; the scoring server resolves Production
+    through the tracking server and follows a later promotion through it."""
     # As docs/team.md says: create the experiment once before starting workers. `mlflow run` creates a missing
     # experiment itself, and two workers starting at the same moment race on that (RESOURCE_ALREADY_EXISTS).
     mlflow.MlflowClient(tracking_server).create_experiment("team")
@@ -135,18 +137,24 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
     scores = {r.info.run_id: r.data.metrics["best_val_accuracy"] for r in children if r.info.status == "FINISHED"}
     assert scores[model.metadata.run_id] == max(scores.values())  # the best (ties on 1,000 val images happen)
 
-    port = free_port()  # `mlflow models serve` resolves the registry URI through the tracking server too
+    # The scoring server resolves and follows Production through the tracking server too.
+    port = free_port()
     log = tmp_path / "serve.log"
-    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", config.PRODUCTION_MODEL_URI,
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                              env=project_env(tracking_server), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port) + ["--follow-interval-s", "1"]
+    server = harness.start(command, project_env(tracking_server), f"http://127.0.0.1:{port}/ping", log)
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
         body = {"dataframe_records": [{"pixels": dataset.test_images[0].tolist()}]}
-        assert requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=30).status_code == 200
+        served = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=30).headers
+        assert served["X-Model-Run-Id"] == model.metadata.run_id
+        other = next(run_id for run_id in scores if run_id != model.metadata.run_id)
+        promoted = registry.promote(other, dataset, force=True)
+        deadline = time.time() + 60
+        while requests.post(f"http://127.0.0.1:{port}/invocations", json=body,
+                            timeout=30).headers["X-Model-Version"] != promoted.version:
+            assert time.time() < deadline, "the promotion was not followed through the tracking server"
+            time.sleep(0.5)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        harness.stop(server)
 
 
 def test_postgres_down_mid_sweep_fails_clearly_and_resumes(postgres, tracking_server, tmp_path):
