@@ -88,22 +88,28 @@ def swap_benchmark(args, ds: data.FashionMNIST) -> None:
     logs = Path(tempfile.mkdtemp(prefix="fmnist-swap-logs-"))
     print(f"{os.cpu_count()} CPU cores; single raw image, {args.requests} requests per phase; tiny width-32 model")
     results, swaps = {}, 0
-    for plain in (True, False):
+    phases = [("plain mlflow models serve", None), ("entrypoints.serve, steady", None)]
+    if args.baseline_checkout:
+        phases.insert(1, (f"entrypoints.serve of {args.baseline_checkout.name}", args.baseline_checkout))
+    for name, checkout in phases:
         port = harness.free_port()
-        if plain:
+        env = harness.child_env(MLFLOW_TRACKING_URI=uri)
+        if name.startswith("plain"):
             command = ["mlflow", "models", "serve", "-m", config.PRODUCTION_MODEL_URI, "--env-manager", "local",
                        "-h", config.LOOPBACK, "-p", str(port)]
         else:
             command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port)
+        if checkout:  # an older checkout's server, e.g. `git worktree add /tmp/before <commit>`
+            env["PYTHONPATH"] = str(checkout)
+        elif not name.startswith("plain"):
             command += ["--follow-interval-s", str(SWAP_FOLLOW_S)]
-        server = harness.start(command, harness.child_env(MLFLOW_TRACKING_URI=uri), f"http://127.0.0.1:{port}/ping",
-                               logs / f"{port}.log")
+        server = harness.start(command, env, f"http://127.0.0.1:{port}/ping", logs / f"{port}.log",
+                               cwd=checkout)
         try:
             session, url = requests.Session(), f"http://127.0.0.1:{port}/invocations"
-            steady = time_calls(lambda s=session, u=url: s.post(u, json=body, timeout=60).raise_for_status(),
-                                args.requests)
-            results["plain mlflow models serve" if plain else "entrypoints.serve, steady"] = steady
-            if not plain:
+            results[name] = time_calls(lambda s=session, u=url: s.post(u, json=body, timeout=60).raise_for_status(),
+                                       args.requests)
+            if name == "entrypoints.serve, steady":
                 results["entrypoints.serve, during swaps"], swaps = during_swaps(session, url, body, versions, args)
         finally:
             harness.stop(server)
@@ -143,6 +149,8 @@ def main() -> None:
                         help="latency while the server follows promotions, against steady state (default: off)")
     parser.add_argument("--swap-every-s", type=float, default=1.0,
                         help="--swap: seconds between promotions (default: %(default)s)")
+    parser.add_argument("--baseline-checkout", type=Path,
+                        help="--swap: also time the scoring server of this older checkout (default: none)")
     args = parser.parse_args()
     ds = data.load(download=False)
     if args.swap:

@@ -40,6 +40,20 @@ FOREGROUND_THRESHOLD = 12
 CORNER_PIXELS = 3
 
 
+# JSON nesting: our contract needs 4 levels (envelope, rows, 28 rows of 28); Python's parser recurses once per
+# level and dies with RecursionError (a 500) near 1,000. Deeper than this is refused before parsing.
+MAX_JSON_DEPTH = 32
+_OPENERS, _CLOSERS = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text, vectorised (~10 ms per 32 MiB). Brackets inside strings
+    count too: an over-estimate, harmless for base64 images (no brackets in their alphabet)."""
+    raw = np.frombuffer(body, np.uint8)
+    steps = np.isin(raw, _OPENERS).astype(np.int32) - np.isin(raw, _CLOSERS)
+    return int(np.cumsum(steps).max(initial=0))
+
+
 class InputError(ValueError):
     """Bad input from the caller; the message says what is wrong and what is expected."""
 

@@ -6,7 +6,8 @@ on some errors, answers with the whole body echoed back or a Python stack trace.
     X-Model-Name / X-Model-Version / X-Model-Run-Id to every answer, and answers GET /model (what is
     served), GET /health (ok or degraded, and why), GET /metrics (Prometheus) and POST /reload (loopback
     only: check the registry now);
-  * `BodyLimit` answers 413 before reading more than MAX_BODY_BYTES;
+  * `BodyLimit` answers 413 before reading more than MAX_BODY_BYTES; `WellFormed` answers 415 or 400 to
+    what MLflow's app would answer with a 500 (no Content-Type, JSON nested too deep);
   * `CleanErrors` turns every error answer into `{"error_code": ..., "message": ...}`: the message is
     MLflow's own reason (without the echoed input), at most MAX_ERROR_CHARS, and no stack trace;
   * `Observed` and `ScoredRows` count requests, latency, bytes, rows by input kind and predicted classes.
@@ -26,7 +27,7 @@ from pathlib import Path
 from fmnist_pyfunc import metrics
 from fmnist_pyfunc.config import FOLLOW_INTERVAL_S
 from fmnist_pyfunc.live_model import LiveModel
-from fmnist_pyfunc.preprocessing import MAX_BODY_BYTES
+from fmnist_pyfunc.preprocessing import MAX_BODY_BYTES, MAX_JSON_DEPTH, json_depth
 
 # What entrypoints/serve.py hands to every uvicorn worker (each builds its own app from them).
 MODEL_URI_ENV = "FMNIST_SERVING_MODEL_URI"          # what the user asked for: a registry reference or fixed
@@ -63,7 +64,7 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_large = {"error_code": "REQUEST_TOO_LARGE",
+        too_large = {"error_code": HTTPStatus.REQUEST_ENTITY_TOO_LARGE.name,
                      "message": f"request body exceeds {self.max_bytes:,} bytes; send fewer or smaller images"}
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
@@ -86,6 +87,41 @@ class BodyLimit:
                 return await receive()
             replayed = True
             return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+class WellFormed:
+    """Client mistakes that MLflow's app answers with a 500, answered with a 4xx that says what to send: no
+    Content-Type on /invocations (415), JSON nested deeper than MAX_JSON_DEPTH (400: Python's parser would
+    recurse until RecursionError). Sits inside BodyLimit, so the body is already whole in memory."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if b"content-type" not in dict(scope["headers"]):
+            return await _send_json(send, 415, {
+                "error_code": HTTPStatus.UNSUPPORTED_MEDIA_TYPE.name,
+                "message": "no Content-Type: send 'Content-Type: application/json' with "
+                           '{"dataframe_records": [...]}, or text/csv'})
+        message = await receive()
+        depth = json_depth(message.get("body", b""))
+        if depth > MAX_JSON_DEPTH:
+            return await _send_json(send, 400, {
+                "error_code": HTTPStatus.BAD_REQUEST.name,
+                "message": f"JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}): send "
+                           '{"dataframe_records": [{"pixels": [[...28 numbers...], ...]} or {"image": "<base64>"}]}'})
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return message
 
         await self.app(scope, replay, send)
 
@@ -261,7 +297,7 @@ def input_kinds(payload: dict, n_rows: int) -> list[str]:
 
 def create_app(live: LiveModel, max_body_bytes: int = MAX_BODY_BYTES):
     """The whole scoring server around `live`, outermost first: metrics, body limit, clean errors."""
-    return Observed(BodyLimit(ScoredRows(CleanErrors(ScoringApp(live))), max_body_bytes), "scoring")
+    return Observed(BodyLimit(WellFormed(ScoredRows(CleanErrors(ScoringApp(live)))), max_body_bytes), "scoring")
 
 
 def app_from_env():

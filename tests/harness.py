@@ -66,9 +66,9 @@ def _tail(log: Path | None) -> str:
     return log.read_text()[-3000:] if log and log.exists() else ""
 
 
-def start(command: list[str], env: dict, health_url: str, log: Path) -> subprocess.Popen:
+def start(command: list[str], env: dict, health_url: str, log: Path, cwd: Path | None = None) -> subprocess.Popen:
     """Start a server with its output in `log` and wait until `health_url` answers."""
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_until_up(health_url, process, log)
     except RuntimeError:

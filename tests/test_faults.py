@@ -48,7 +48,7 @@ def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(
         scoring.kill()  # not a clean stop: the keep-alive connection the UI holds goes dead too
         scoring.wait()
         response = _predict(ui_url, dataset)
-        assert response.status_code == 503 and "not reachable" in response.json()["error"]
+        assert response.status_code == 503 and "not reachable" in response.json()["message"]
         health = requests.get(f"{ui_url}/health", timeout=10)
         assert health.status_code == 503 and health.json()["scoring_server"] == "unreachable"
 

@@ -82,7 +82,38 @@ BAD_REQUESTS = {  # name: (body, status, words the message must contain)
     "decompression bomb": (_image(_encoded(Image.new("1", (20000, 20000)), "PNG")), 400, "exceeds"),
     "body over the limit": (_records({"image": "A" * (preprocessing.MAX_BODY_BYTES + 1)}), 413,
                             f"exceeds {preprocessing.MAX_BODY_BYTES:,} bytes"),
+    "nested 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, 400, "nested 100000 levels deep"),
+    "nested deep inside records": (b'{"dataframe_records": [' + b"[" * 5000 + b"]" * 5000 + b"]}", 400,
+                                   "levels deep (at most"),
 }
+# Every JSON type in every field of MLflow's four input layouts: a 4xx each, never a 500.
+JSON_VALUES = {"null": None, "int": 5, "string": "x", "bool": True, "object": {"a": 1}, "ints": [1, 2],
+               "nulls": [None], "lists": [[1]], "empty object": {}, "columns": {"columns": 5, "data": 3},
+               "pixels as string": [{"pixels": "abc"}], "image as int": [{"image": 5}],
+               "image as list": [{"image": [1]}], "pixels as object": [{"pixels": {"a": 1}}]}
+ODD_PAYLOADS = {f"{layout}={name}": json.dumps({layout: value}).encode()
+                for layout in ("dataframe_records", "dataframe_split", "inputs", "instances")
+                for name, value in JSON_VALUES.items()}
+ODD_PAYLOADS |= {"top-level string": b'"x"', "top-level null": b"null", "top-level number": b"1",
+                 "latin-1 bytes": '{"dataframe_records": [{"image": "\xe9"}]}'.encode("latin-1"),
+                 "params not an object": json.dumps({"dataframe_records": [{"pixels": ZEROS}], "params": 5}).encode()}
+
+
+@pytest.mark.parametrize("name", ODD_PAYLOADS)
+def test_no_json_value_in_any_field_is_a_server_error(scoring_url, name):
+    """Whatever JSON type sits in whatever field of any layout MLflow's protocol allows, the answer is a 4xx
+    {error_code, message} or a 200 (MLflow ignores what it does not use), never a 5xx or a trace."""
+    response = _post(scoring_url, ODD_PAYLOADS[name])
+    assert response.status_code < 500, response.text[:300]
+    if response.status_code != 200:
+        assert set(response.json()) == {"error_code", "message"} and not any(x in response.text for x in LEAKS)
+
+
+def test_invocations_without_content_type_is_415_saying_what_to_send(scoring_url, dataset):
+    """A body with no Content-Type header (MLflow's app: 500) gets 415 naming the header to send."""
+    response = requests.post(f"{scoring_url}/invocations", data=_pixels(dataset.test_images[0].tolist()), timeout=30)
+    assert "Content-Type" not in response.request.headers
+    assert response.status_code == 415 and "application/json" in response.json()["message"]
 
 
 def _post(url: str, body: bytes) -> requests.Response:
@@ -157,7 +188,18 @@ def test_ui_upload_size_boundary(ui_url, dataset):
     assert response.status_code == 200, response.text
     over = _png_of_size(dataset.test_images[0], ui.MAX_FILE_BYTES + 1)
     response = _form_upload(ui_url, [("bigger.png", over)])
-    assert response.status_code == 413 and "larger than 5 MiB" in response.json()["error"]
+    assert response.status_code == 413 and "larger than 5 MiB" in response.json()["message"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"[1]", b'"x"', b'{"images": 5}', b'{"images": [5]}',
+    b'{"images": [null]}', b'{"images": [{"a": 1}]}', b'{"images": [[["x"]]]}',
+    '{"images": ["\xe9"]}'.encode("latin-1"),
+], ids=["nested 100,000 deep", "a list", "a string", "a number", "numbers", "nulls", "objects", "lists", "latin-1"])
+def test_ui_json_api_answers_every_odd_body_with_a_4xx(ui_url, body):
+    """The UI's JSON API answers any JSON shape or encoding with a 400 {error_code, message}, never a 500."""
+    response = requests.post(f"{ui_url}/predict", data=body, headers={"Content-Type": "application/json"}, timeout=60)
+    assert response.status_code == 400 and set(response.json()) == {"error_code", "message"}, response.text[:300]
 
 
 @pytest.mark.parametrize("case, status, words", [
@@ -180,7 +222,7 @@ def test_ui_refuses_bad_uploads_clearly(ui_url, dataset, case, status, words):
              "SVG disguised as PNG": [("a.png", SVG)]}[case]
     response = _form_upload(ui_url, files) if files else harness.ui_session(ui_url).post(f"{ui_url}/predict",
                                                                                        data={"x": "1"}, timeout=30)
-    assert response.status_code == status and words in response.json()["error"], response.text[:300]
+    assert response.status_code == status and words in response.json()["message"], response.text[:300]
     assert not any(leak in response.text for leak in LEAKS)
 
 
@@ -197,7 +239,7 @@ def test_ui_wrong_method_and_unknown_path_are_json_without_traces(ui_url):
                              (requests.put(f"{ui_url}/predict", timeout=10), 405),
                              (requests.get(f"{ui_url}/no/such/page", timeout=10), 404),
                              (requests.get(f"{ui_url}/samples/99999.png", timeout=10), 404)):
-        assert response.status_code == status and "error" in response.json()
+        assert response.status_code == status and set(response.json()) == {"error_code", "message"}
         assert not any(leak in response.text for leak in LEAKS)
 
 
@@ -209,7 +251,7 @@ def test_ui_form_posts_need_the_csrf_token_and_the_json_api_needs_no_cookie(ui_u
     # A cross-site form: no cookie, no token (or a guessed one).
     for headers in ({}, {"X-CSRF-Token": "guess"}):
         response = requests.post(f"{ui_url}/predict", files=files, headers=headers, timeout=30)
-        assert response.status_code == 403 and "CSRF" in response.json()["error"]
+        assert response.status_code == 403 and "CSRF" in response.json()["message"]
     session = harness.ui_session(ui_url)  # loaded the page: cookie + token
     assert session.post(f"{ui_url}/predict", files=files, timeout=30).status_code == 200
     wrong = requests.Session()
@@ -223,7 +265,7 @@ def test_ui_form_posts_need_the_csrf_token_and_the_json_api_needs_no_cookie(ui_u
     assert response.status_code == 200 and response.json()["results"][0]["class_name"]
     for bad in ({"images": []}, {"images": "x"}, [1], {"images": ["not base64!"]}):
         response = requests.post(f"{ui_url}/predict", json=bad, timeout=30)
-        assert response.status_code == 400 and "error" in response.json()
+        assert response.status_code == 400 and set(response.json()) == {"error_code", "message"}
     cookie = requests.get(ui_url, timeout=10).headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
 
@@ -252,7 +294,7 @@ def test_ui_never_shows_the_upstream_error_body(dataset):
         response = client.post("/predict", json={"images": [png_base64(dataset.test_images[0])]})
     finally:
         upstream.shutdown()
-    assert response.status_code == 502 and "failed to answer" in response.get_json()["error"]
+    assert response.status_code == 502 and "failed to answer" in response.get_json()["message"]
     assert "secret" not in response.get_data(as_text=True) and "boom" not in response.get_data(as_text=True)
 
 

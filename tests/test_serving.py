@@ -99,7 +99,7 @@ def test_ui_health_model_info_and_page(ui_url, production):
 def test_ui_bad_uploads_get_4xx_and_a_clear_message(ui_url, files, status, message):
     """Each bad upload gets the expected 4xx and message, never a traceback."""
     response = _upload(ui_url, files)
-    assert response.status_code == status and message in response.json()["error"]
+    assert response.status_code == status and message in response.json()["message"]
     assert "Traceback" not in response.text
 
 
@@ -109,7 +109,7 @@ def test_ui_without_scoring_server_answers_503(tracking_uri, tmp_path, dataset):
 
     client = create_app(scoring_url=f"http://127.0.0.1:{free_port()}").test_client()
     response = client.post("/predict", json={"images": [png_base64(dataset.test_images[0])]})
-    assert response.status_code == 503 and "not reachable" in response.get_json()["error"]
+    assert response.status_code == 503 and "not reachable" in response.get_json()["message"]
     assert client.get("/health").status_code == 503
 
 
@@ -123,7 +123,7 @@ def test_ui_with_a_scoring_server_slower_than_its_timeout_answers_504(dataset):
         client = create_app(scoring_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
                             upstream_timeout_s=0.5).test_client()
         response = client.post("/predict", json={"images": [png_base64(dataset.test_images[0])]})
-    assert response.status_code == 504 and "did not answer in time" in response.get_json()["error"]
+    assert response.status_code == 504 and "did not answer in time" in response.get_json()["message"]
 
 
 def test_ui_never_imports_torch(tmp_path):

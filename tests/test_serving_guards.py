@@ -34,7 +34,7 @@ def test_chunked_body_over_the_limit_is_refused_without_reaching_the_app():
     never sees it."""
     sent, seen = _call([], [b"x" * 400] * 3)  # no Content-Length: counted as it arrives
     assert sent[0]["status"] == 413 and not seen
-    assert json.loads(sent[1]["body"])["error_code"] == "REQUEST_TOO_LARGE"
+    assert json.loads(sent[1]["body"])["error_code"] == "REQUEST_ENTITY_TOO_LARGE"
 
 
 def test_declared_length_over_the_limit_is_refused_before_reading():

@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import Callable
 from functools import partial
+from http import HTTPStatus
 from pathlib import Path
 
 import requests
@@ -55,6 +56,11 @@ class UploadError(Exception):
         self.message, self.status = message, status
 
 
+def error_answer(status: int, message: str):
+    """Both servers answer every error as {"error_code", "message"}; the code is the HTTP status' name."""
+    return jsonify(error_code=HTTPStatus(status).name, message=message), status
+
+
 def _check_image(name: str, payload: bytes) -> None:
     """Refuse what the model would refuse (not a complete PNG/JPEG, a decompression bomb) before sending it."""
     if len(payload) > MAX_FILE_BYTES:
@@ -83,6 +89,10 @@ def _decode(encoded, name: str) -> bytes:
 
 
 def _json_uploads() -> list[tuple[str, Callable[[], bytes]]]:
+    depth = preprocessing.json_depth(request.get_data(cache=True))
+    if depth > preprocessing.MAX_JSON_DEPTH:
+        raise UploadError(f"JSON nested {depth} levels deep (at most {preprocessing.MAX_JSON_DEPTH}): send "
+                          '{"images": ["<base64 image>", ...]}')
     body = request.get_json(silent=True)
     images = body.get("images") if isinstance(body, dict) else None
     if not isinstance(images, list) or not images:
@@ -170,18 +180,18 @@ def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTR
 
     @app.errorhandler(UploadError)
     def upload_error(err: UploadError):
-        return jsonify(error=err.message), err.status
+        return error_answer(err.status, err.message)
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):
         if isinstance(err, RequestEntityTooLarge):
-            return jsonify(error=f"upload larger than {MAX_REQUEST_BYTES // 2**20} MiB in total"), 413
-        return jsonify(error=err.description), err.code
+            return error_answer(413, f"upload larger than {MAX_REQUEST_BYTES // 2**20} MiB in total")
+        return error_answer(err.code, err.description)
 
     @app.errorhandler(Exception)
     def unexpected(err: Exception):
         app.logger.exception("unexpected error")  # details go to the log, never to the user
-        return jsonify(error="internal error"), 500
+        return error_answer(500, "internal error")
 
     @app.get("/")
     def index():
@@ -204,7 +214,7 @@ def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTR
     @app.get("/samples/<int:index>.png")
     def sample_image(index: int):
         if not 0 <= index < len(gallery):
-            return jsonify(error="no such sample"), 404
+            return error_answer(404, "no such sample")
         return gallery[index]["png"], 200, {"Content-Type": "image/png", "Cache-Control": "max-age=86400"}
 
     @app.get("/model_info")
@@ -212,7 +222,7 @@ def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTR
         if time.monotonic() - info_cache["at"] > MODEL_INFO_TTL_S or info_cache["value"] is None:
             info = _served_model(upstream, scoring_url)
             if info is None:
-                return jsonify(error="the scoring server cannot say which model it serves right now"), 503
+                return error_answer(503, "the scoring server cannot say which model it serves right now")
             info_cache.update(at=time.monotonic(), value=info)
         return jsonify(info_cache["value"])
 

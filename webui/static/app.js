@@ -73,7 +73,7 @@ async function classify(files) {
     return;
   }
   const payload = await response.json().catch(() => ({ error: `request failed (${response.status})` }));
-  if (!response.ok) { showMessage(payload.error || `request failed (${response.status})`); return; }
+  if (!response.ok) { showMessage(payload.message || `request failed (${response.status})`); return; }
   showMessage("");
   payload.results.forEach((result, i) => {
     results.prepend(card(result, URL.createObjectURL(files[i]), payload.class_names, payload.model));
@@ -110,7 +110,7 @@ async function refreshStatus() {
       }
       headerVersion = m.version || null;
       info.textContent = `model: ${modelLabel(m)}${details.length ? ` (${details.join(", ")})` : ""}`;
-    } else { info.textContent = `model: ${m.error}`; }
+    } else { info.textContent = `model: ${m.message}`; }
   } catch (err) { info.textContent = "model: unknown"; }
   try {
     const h = await fetch("/health");
