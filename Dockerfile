@@ -14,11 +14,13 @@ ENV PATH=/opt/venv/bin:$PATH
 # container/wheelhouse holds wheels only for offline builds (container/build.py --offline: what the host's pip
 # resolves; where its index has only PyPI's CUDA build of torch, ~3 GB more). Empty: CPU-only torch from
 # PyTorch's index (~0.2 GB instead of ~3 GB of CUDA libraries), the rest from PyPI.
-RUN --mount=type=bind,source=pyproject.toml,target=/build/pyproject.toml \
-    --mount=type=bind,source=container,target=/build/container \
-    python /build/container/requirements.py /build/pyproject.toml > /tmp/requirements.txt \
- && if ls /build/container/wheelhouse/*.whl >/dev/null 2>&1; then \
-      pip install --no-cache-dir --no-index --find-links /build/container/wheelhouse -r /tmp/requirements.txt; \
+# The dependency list is COPYed, not bind-mounted: a layer's cache key covers what earlier layers copied, and
+# podman's (buildah's) does not cover bind mounts, so a changed list would otherwise reuse the old venv.
+COPY pyproject.toml container/requirements.py /build/
+RUN --mount=type=bind,source=container/wheelhouse,target=/build/wheelhouse \
+    python /build/requirements.py /build/pyproject.toml > /tmp/requirements.txt \
+ && if ls /build/wheelhouse/*.whl >/dev/null 2>&1; then \
+      pip install --no-cache-dir --no-index --find-links /build/wheelhouse -r /tmp/requirements.txt; \
     else \
       pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "$(grep '^torch==' /tmp/requirements.txt)" \
       && pip install --no-cache-dir -r /tmp/requirements.txt; \

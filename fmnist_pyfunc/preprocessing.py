@@ -2,8 +2,9 @@
 
 Two input kinds, one row each in a pandas DataFrame (the pyfunc model's input):
   * `pixels`: a 28x28 array on the dataset's 0-255 scale, used as is;
-  * `image`:  a base64 PNG or JPEG of any size, grey or colour, with or without alpha, on a light or a
-              dark background. It is put through the steps Zalando used to build Fashion-MNIST: grey,
+  * `image`:  a base64 image (PNG, JPEG, WebP, GIF, BMP, AVIF; a data URL, wrapped lines, the URL-safe
+              alphabet and missing padding are fine) of any size, grey or colour, with or without alpha, on a
+              light or a dark background. It is put through the steps Zalando used to build Fashion-MNIST: grey,
               negate when the background is light, trim to the garment, resize the longest edge to 28,
               centre on a black 28x28 canvas.
 Everything that is not one of these raises `InputError` with a message fit for the API's caller.
@@ -16,7 +17,11 @@ import base64
 import binascii
 import io
 import math
+import re
+import threading
+import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,10 +33,34 @@ UINT16_MAX = 65535.0
 MAX_BATCH_ROWS = 1024            # rows per request: ~1 s of CPU work, bounds memory per request
 MAX_IMAGE_BYTES = 10 * 2**20     # 10 MiB of encoded image per row: larger than any product photo
 MAX_IMAGE_PIXELS = 40_000_000    # width x height before decoding: stops decompression bombs
+# Work per request, counted in decoded pixels from the image headers before anything is decoded (~0.01 s of
+# CPU per million here): one image at the per-image limit plus a UI batch of 16 phone JPEGs, which decode at
+# 1/8 scale (JPEG_DRAFT_SIDE), fit. 450 tiny PNGs of 40 M white pixels each (one 32 MiB body) do not.
+MAX_REQUEST_PIXELS = 64_000_000
+# Per worker process, the decoded pixels of all requests in progress: one request at the request limit, with
+# room left for light ones; a request that would go beyond waits for nobody: 429, Retry-After.
+MAX_IN_FLIGHT_PIXELS = MAX_REQUEST_PIXELS + 8_000_000
+MAX_REQUEST_SECONDS = 10.0       # decoding stops here, not only the answer: the client has waited long enough
+# Images are brought down to about this many pixels a side before any float work (trim, contrast, resize to
+# 28): a garment filling a tenth of the frame still spans ~50 pixels. JPEGs decode there directly (DCT scaling
+# 1/2, 1/4 or 1/8); other formats decode whole and are box-reduced by an integer factor. Work and memory per
+# image then no longer grow with the photo's size beyond its decoding.
+WORK_SIDE = 512
 # Request body of /invocations: two images at the per-image limit (base64: 4/3 larger), or a full batch
 # of pixel rows written as floats (~10 KiB each), fit; anything larger is refused before it is read.
 MAX_BODY_BYTES = 32 * 2**20
-ALLOWED_FORMATS = ("PNG", "JPEG")
+# What phones and browsers produce and Pillow decodes safely here (GIF: its first frame). HEIC needs a plugin
+# this project does not ship; vector and document formats are not images of a garment.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "AVIF")
+ACCEPTED = "PNG, JPEG, WebP, GIF, BMP or AVIF"
+# Formats refused by name, recognised from their first bytes, so the message says what was sent.
+REFUSED_SIGNATURES = ((b"%PDF", "PDF"), (b"<svg", "SVG"), (b"<?xml", "SVG/XML"), (b"II*\x00", "TIFF"),
+                      (b"MM\x00*", "TIFF"), (b"8BPS", "PSD"))
+HEIC_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1")
+REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
+# A browser data URL's prefix, e.g. "data:image/png;base64,".
+DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*(?:;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
+URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 # A pixel belongs to the garment when it is this far (0-255) above the background after negation:
 # above JPEG noise (~5), low enough to keep the faint edges that set the garment's extent.
 FOREGROUND_THRESHOLD = 12
@@ -58,6 +87,32 @@ class InputError(ValueError):
     """Bad input from the caller; the message says what is wrong and what is expected."""
 
 
+class Busy(RuntimeError):
+    """This worker is decoding as much as it may at once; the caller should retry in a moment."""
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's work passed MAX_REQUEST_SECONDS and was stopped."""
+
+
+_in_flight = {"pixels": 0}
+_in_flight_lock = threading.Lock()
+
+
+@contextmanager
+def admitted(pixels: int):
+    """Reserve `pixels` of this process's decoding budget for the duration, or raise Busy."""
+    with _in_flight_lock:
+        if _in_flight["pixels"] and _in_flight["pixels"] + pixels > MAX_IN_FLIGHT_PIXELS:
+            raise Busy(f"this server is decoding {_in_flight['pixels']:,} pixels already; retry in a moment")
+        _in_flight["pixels"] += pixels
+    try:
+        yield
+    finally:
+        with _in_flight_lock:
+            _in_flight["pixels"] -= pixels
+
+
 def pixels_to_array(value, row: int) -> np.ndarray:
     """A nested list or array of 28x28 numbers in 0-255 -> float32 (28, 28)."""
     try:
@@ -73,41 +128,80 @@ def pixels_to_array(value, row: int) -> np.ndarray:
     return array
 
 
-def decode_base64(value, row: int) -> bytes:
+def decode_base64(value, where: str) -> bytes:
+    """Base64 as people produce it: a browser's data URL, `base64`'s 76-column lines, the URL-safe alphabet,
+    missing padding. Anything else outside the alphabet is refused."""
     if not isinstance(value, (str, bytes)):
-        raise InputError(f"row {row}: 'image' must be a base64 string, got {type(value).__name__}")
-    if len(value) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise InputError(f"row {row}: 'image' is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+        raise InputError(f"{where}: the image must be a base64 string, got {type(value).__name__}")
+    limit = MAX_IMAGE_BYTES * 4 // 3 + 4
+    if len(value) > 2 * limit:  # cheap first: whitespace and a prefix never double the length
+        raise InputError(f"{where}: the image is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
     try:
-        return base64.b64decode(value, validate=True)
+        text = value.decode("ascii") if isinstance(value, bytes) else value
+        prefix = DATA_URL.match(text)
+        text = "".join((text[prefix.end():] if prefix else text).split()).translate(URL_SAFE_TO_STANDARD)
+        if len(text) > limit:
+            raise InputError(f"{where}: the image is larger than {MAX_IMAGE_BYTES // 2**20} MiB")
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise InputError(f"row {row}: 'image' is not valid base64") from None
+        raise InputError(f"{where}: the image is not valid base64") from None
 
 
-def open_image(encoded: bytes, where: str) -> Image.Image:
-    """Decode PNG/JPEG bytes, refusing other formats, truncated files and decompression bombs.
-
-    `where` names the input in error messages ("row 3", a file name). The web UI uses this too.
-    """
+def peek_image(encoded: bytes, where: str) -> Image.Image:
+    """Read only the header: the format (refusing others by name), the size (refusing bombs), and for a
+    JPEG the reduced size it will decode at. Nothing is decoded yet; `image.size` is what decoding costs."""
     if not encoded:
         raise InputError(f"{where}: the image is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(encoded), formats=ALLOWED_FORMATS)
-            width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
-                raise InputError(f"{where}: image of {width}x{height} pixels exceeds {MAX_IMAGE_PIXELS:,} pixels")
-            image.load()
-    except InputError:
-        raise
     except UnidentifiedImageError:
-        raise InputError(f"{where}: not a PNG or JPEG image") from None
+        raise InputError(f"{where}: {_what_it_is(encoded)}; send {ACCEPTED}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InputError(f"{where}: image exceeds {MAX_IMAGE_PIXELS:,} pixels") from None
     except (OSError, SyntaxError, ValueError):
         raise InputError(f"{where}: the image is truncated or corrupt") from None
-    return ImageOps.exif_transpose(image)
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(f"{where}: image of {width}x{height} pixels exceeds {MAX_IMAGE_PIXELS:,} pixels")
+    if image.format == "JPEG":
+        image.draft(image.mode, (WORK_SIDE, WORK_SIDE))  # DCT scaling: 1/2, 1/4 or 1/8 of the work
+    return image
+
+
+def decode_image(image: Image.Image, where: str) -> Image.Image:
+    """Decode what `peek_image` opened (a GIF's first frame), upright per its EXIF orientation, reduced to
+    about WORK_SIDE pixels a side."""
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError):
+        raise InputError(f"{where}: the image is truncated or corrupt") from None
+    image = ImageOps.exif_transpose(image)
+    factor = max(image.size) // WORK_SIDE
+    if factor < 2:
+        return image
+    if image.mode not in REDUCIBLE_MODES:  # averaging needs real levels: palette, 1-bit and 16-bit images
+        image = image.convert("RGBA" if image.mode in ("P", "PA") else "I" if image.mode.startswith("I;16") else "L")
+    return image.reduce(factor)
+
+
+def open_image(encoded: bytes, where: str) -> Image.Image:
+    """Check and decode image bytes; `where` names the input in messages ("row 3", a file name). The UI uses
+    this to refuse, before sending it on, what the model would refuse."""
+    return decode_image(peek_image(encoded, where), where)
+
+
+def _what_it_is(encoded: bytes) -> str:
+    head = encoded[:64].lstrip()
+    for signature, name in REFUSED_SIGNATURES:
+        if head.startswith(signature):
+            return f"{name} is not accepted"
+    if encoded[4:8] == b"ftyp" and encoded[8:12] in HEIC_BRANDS:
+        return "HEIC/HEIF is not accepted (export it as JPEG)"
+    if head.startswith((b"GIF8", b"\x89PNG", b"\xff\xd8", b"BM", b"RIFF")) or encoded[4:8] == b"ftyp":
+        return "not a complete image"
+    return "not an image in an accepted format"
 
 
 def _to_grey_on_black(image: Image.Image) -> np.ndarray:
@@ -161,8 +255,9 @@ def _is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def frame_to_batch(frame) -> np.ndarray:
-    """DataFrame with columns `pixels` and/or `image`, one filled per row -> float32 (N, 28, 28)."""
+def open_rows(frame) -> list:
+    """DataFrame with columns `pixels` and/or `image`, one filled per row -> per row, a float32 (28, 28)
+    array or an image opened but not decoded. Everything that can be refused from headers is refused here."""
     columns = set(frame.columns)
     unknown = columns - {"pixels", "image"}
     if unknown:
@@ -174,13 +269,39 @@ def frame_to_batch(frame) -> np.ndarray:
         raise InputError(f"batch of {len(frame)} rows exceeds the maximum of {MAX_BATCH_ROWS}")
     pixels = frame["pixels"].tolist() if "pixels" in columns else [None] * len(frame)
     images = frame["image"].tolist() if "image" in columns else [None] * len(frame)
-    batch = np.empty((len(frame), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    rows = []
     for row, (pix, img) in enumerate(zip(pixels, images, strict=True)):
         has_pixels, has_image = not _is_missing(pix), not _is_missing(img)
         if has_pixels == has_image:
             raise InputError(f"row {row}: give exactly one of 'pixels' or 'image'")
-        if has_pixels:
-            batch[row] = pixels_to_array(pix, row)
-        else:
-            batch[row] = image_to_array(open_image(decode_base64(img, row), f"row {row}"))
+        where = f"row {row}"
+        rows.append(pixels_to_array(pix, row) if has_pixels else peek_image(decode_base64(img, where), where))
+    cost = decoded_pixels(rows)
+    if cost > MAX_REQUEST_PIXELS:
+        raise InputError(f"these images decode to {cost:,} pixels, more than {MAX_REQUEST_PIXELS:,} per request: "
+                         "send fewer or smaller images per request")
+    return rows
+
+
+def decoded_pixels(rows: list) -> int:
+    return sum(row.size[0] * row.size[1] if isinstance(row, Image.Image) else row.size for row in rows)
+
+
+def decode_rows(rows: list, deadline: float) -> np.ndarray:
+    """`open_rows`' rows -> float32 (N, 28, 28); stops with DeadlineExceeded once time.monotonic() passes
+    `deadline` (checked between images: one image at the per-image limit decodes in under a second)."""
+    batch = np.empty((len(rows), IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    for index, row in enumerate(rows):
+        if isinstance(row, np.ndarray):
+            batch[index] = row
+            continue
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"stopped after {index} of {len(rows)} images: decoding took longer than "
+                                   f"{MAX_REQUEST_SECONDS:g} s; send fewer or smaller images per request")
+        batch[index] = image_to_array(decode_image(row, f"row {index}"))
     return batch
+
+
+def frame_to_batch(frame) -> np.ndarray:
+    """DataFrame with columns `pixels` and/or `image`, one filled per row -> float32 (N, 28, 28)."""
+    return decode_rows(open_rows(frame), time.monotonic() + MAX_REQUEST_SECONDS)

@@ -5,13 +5,15 @@ weights are a plain state dict read with `torch.load(weights_only=True)`.
 
 JSON contract of `/invocations` (one row per image, exactly one of the two columns per row):
     {"dataframe_records": [{"pixels": [[0, 0, ...28 values], ...28 rows]},
-                           {"image": "<base64 PNG or JPEG>"}]}
+                           {"image": "<base64 PNG, JPEG, WebP, GIF, BMP or AVIF>"}]}
 Response: {"predictions": [{"class_index": 9, "class_name": "Ankle boot", "probabilities": [...10]}]}
+With "params": {"return_seen": true}, each prediction also carries "seen": the 28x28 image classified.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import mlflow
 import numpy as np
@@ -19,7 +21,8 @@ import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.types.schema import AnyType, Array, ColSpec, DataType, Schema
+from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
+from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from fmnist_pyfunc import preprocessing
 from fmnist_pyfunc.config import CLASS_NAMES
@@ -29,10 +32,12 @@ WEIGHTS_ARTIFACT = "weights"        # state dict, torch.save format
 CONFIG_ARTIFACT = "model_config"    # JSON: arch, width, depth, dropout, tta
 # `pixels` is AnyType: MLflow's Array(Array(double)) rejects integer pixels and checks every value in
 # Python (~250 ms for 256 images); our own checks in `preprocessing` are vectorised and say more.
+RETURN_SEEN_PARAM = "return_seen"  # off by default: 784 numbers more per row in every answer
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType(), "pixels", required=False), ColSpec(DataType.string, "image", required=False)]),
     outputs=Schema([ColSpec(DataType.long, "class_index"), ColSpec(DataType.string, "class_name"),
-                    ColSpec(Array(DataType.double), "probabilities")]),
+                    ColSpec(Array(DataType.double), "probabilities"), ColSpec(AnyType(), "seen", required=False)]),
+    params=ParamSchema([ParamSpec(RETURN_SEEN_PARAM, DataType.boolean, False)]),
 )
 
 
@@ -57,17 +62,29 @@ class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
         self.bf16 = native_bf16()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """Classify each row; with params {"return_seen": true} also return `seen`, the 28x28 image (0-255)
+        the network classified after preprocessing."""
+        deadline = time.monotonic() + preprocessing.MAX_REQUEST_SECONDS
         try:
-            batch = preprocessing.frame_to_batch(model_input)
+            rows = preprocessing.open_rows(model_input)
+            with preprocessing.admitted(preprocessing.decoded_pixels(rows)):
+                batch = preprocessing.decode_rows(rows, deadline)
+                probabilities = self.predict_proba(batch)
         except preprocessing.InputError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
-        probabilities = self.predict_proba(batch)
+        except preprocessing.Busy as exc:
+            raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
+        except preprocessing.DeadlineExceeded as exc:
+            raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
         indices = probabilities.argmax(1)
-        return pd.DataFrame({
+        answer = pd.DataFrame({
             "class_index": indices.astype(np.int64),
             "class_name": [CLASS_NAMES[i] for i in indices],
             "probabilities": [row.astype(np.float64).tolist() for row in probabilities],
         })
+        if (params or {}).get(RETURN_SEEN_PARAM):
+            answer["seen"] = [np.rint(image).astype(np.uint8).tolist() for image in batch]
+        return answer
 
     @torch.inference_mode()
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:

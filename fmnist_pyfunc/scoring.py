@@ -36,6 +36,10 @@ MODEL_VERSION_ENV = "FMNIST_SERVING_MODEL_VERSION"  # the registry version that 
 INTERVAL_ENV = "FMNIST_SERVING_FOLLOW_INTERVAL_S"
 TRIGGER_ENV = "FMNIST_SERVING_RELOAD_TRIGGER"       # a file all workers watch: touched by any worker's /reload
 MAX_BODY_ENV = "FMNIST_SERVING_MAX_BODY_BYTES"
+# Scoring requests one worker works on at once; MLflow's app runs each in a thread of a pool of
+# min(32, cores + 4), and ones beyond the pool would queue unseen. Past the cap: 429 and Retry-After.
+MAX_CONCURRENT_REQUESTS = 16
+RETRY_AFTER = (b"retry-after", b"1")  # seconds: a scoring request takes milliseconds to about a second
 ROUTES = frozenset({"/invocations", "/ping", "/health", "/version", "/model", "/metrics", "/reload"})
 LOOPBACK_CLIENTS = frozenset({"127.0.0.1", "::1"})
 MAX_ERROR_CHARS = 500   # a reason, not a dump: MLflow's messages can embed the whole request
@@ -177,6 +181,7 @@ class ScoringApp:
 
     def __init__(self, live: LiveModel):
         self.live = live
+        self.scoring = 0  # /invocations requests in progress (one event loop per worker: no lock needed)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # lifespan: MLflow's app has nothing to start
@@ -191,14 +196,33 @@ class ScoringApp:
             return await _send(send, 200, body, content_type.encode())
         if scope["path"] == "/reload":
             return await self._reload(scope, send)
+        if scope["path"] == "/invocations" and self.scoring >= MAX_CONCURRENT_REQUESTS:
+            return await _send_json(send, 429, {
+                "error_code": HTTPStatus.TOO_MANY_REQUESTS.name,
+                "message": f"this worker is scoring {MAX_CONCURRENT_REQUESTS} requests already; retry in a moment"},
+                [RETRY_AFTER])
         served = self.live.current  # this request's model, whatever is swapped in meanwhile
+        # Counted until its answer is complete, not until MLflow's app returns: its middleware may finish
+        # after the client has the answer and sent its next request on the same connection.
+        counted = {"on": scope["path"] == "/invocations"}
+        self.scoring += counted["on"]
+
+        def done():
+            self.scoring -= counted["on"]
+            counted["on"] = False
 
         async def with_model_headers(message):
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *served.headers]}
+                busy = [RETRY_AFTER] if message["status"] == 429 else []  # the model's decoding budget
+                message = {**message, "headers": [*message.get("headers", []), *served.headers, *busy]}
+            elif not message.get("more_body"):
+                done()
             await send(message)
 
-        await served.app(scope, receive, with_model_headers)
+        try:
+            await served.app(scope, receive, with_model_headers)
+        finally:
+            done()
 
     async def _reload(self, scope, send):
         if scope["method"] != "POST":

@@ -57,4 +57,4 @@ def test_gallery_click_and_bad_upload_message(page, ui_url, tmp_path):
     bad = tmp_path / "not_an_image.png"
     bad.write_text("hello")
     page.set_input_files("#files", str(bad))
-    expect(page.locator("#message")).to_contain_text("not a PNG or JPEG")
+    expect(page.locator("#message")).to_contain_text("not an image in an accepted format")

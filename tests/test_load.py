@@ -34,3 +34,16 @@ def test_short_mixed_load_has_no_errors_and_flat_memory(scoring_server, ui_serve
         assert tally.good > 20 and tally.bad > 5, target
         assert tally.good_errors == 0 and tally.bad_wrong == 0, (target, tally.examples)
         assert load.memory_growth(result, target) < SHORT_RUN_GROWTH_LIMIT, (target, result["memory"][target])
+
+
+def test_the_heaviest_allowed_requests_are_bounded_and_leave_good_ones_answered(scoring_server, ui_server, dataset):
+    """8 clients sending the most decoding one request may ask for get 200 or 429 (the worker's decoding
+    budget), never an error, while 4 clients' single-image requests all succeed and memory stays flat."""
+    load = _load_module()
+    (scoring, scoring_url), (_, ui_url) = scoring_server, ui_server
+    result = load.run_load(scoring_url, ui_url, dataset, 4, DURATION_S, {"scoring": scoring.pid}, worst_case=True)
+    print(load.report(result))
+    good, heavy = result["tallies"]["scoring"], result["tallies"]["heavy"]
+    assert good.good > 20 and good.good_errors == 0, good.examples
+    assert heavy.good_errors == 0 and set(heavy.statuses) == {200, 429}, heavy.statuses
+    assert load.memory_growth(result, "scoring") < SHORT_RUN_GROWTH_LIMIT, result["memory"]

@@ -1,12 +1,13 @@
 """Preprocessing: every input kind becomes a dataset-like 28x28 image; bad input gets a clear InputError."""
 
 import base64
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import encode, exif_rotated_jpeg, upscaled
-from PIL import Image
+from PIL import Image, ImageFile
 
 from fmnist_pyfunc import preprocessing as pre
 from fmnist_pyfunc.preprocessing import png_base64
@@ -90,8 +91,8 @@ def test_exif_rotation_is_applied(dataset):
     assert _correlation(_batch(image=[encoded])[0], original) > 0.9
 
 
-def _gif_base64() -> str:
-    return encode(Image.new("L", (28, 28)), "GIF")
+def _tiff_base64() -> str:
+    return encode(Image.new("L", (28, 28)), "TIFF")
 
 
 @pytest.mark.parametrize("columns, message", [
@@ -105,8 +106,10 @@ def _gif_base64() -> str:
     ({"pixels": [[["a"] * 28] * 28]}, "numbers"),
     ({"pixels": []}, "empty batch"),
     ({"image": ["not base64!!"]}, "base64"),
-    ({"image": [base64.b64encode(b"hello, not an image").decode()]}, "not a PNG or JPEG"),
-    ({"image": [_gif_base64()]}, "not a PNG or JPEG"),
+    ({"image": [base64.b64encode(b"hello, not an image").decode()]}, "not an image in an accepted format"),
+    ({"image": [_tiff_base64()]}, "TIFF is not accepted; send PNG, JPEG, WebP, GIF, BMP or AVIF"),
+    ({"image": [base64.b64encode(b"%PDF-1.7\n%...").decode()]}, "PDF is not accepted"),
+    ({"image": [base64.b64encode(b"\x00\x00\x00\x18ftypheic" + bytes(20)).decode()]}, "HEIC/HEIF is not accepted"),
     ({"image": [""]}, "row 0: the image is empty"),
     ({"image": [12]}, "base64 string"),
     ({"pixels": [None], "image": [None]}, "exactly one"),
@@ -151,3 +154,48 @@ def test_the_pixel_limit_is_ours_not_pillows():
     at_limit.paste(1, (2000, 1000, 4400, 5250))  # a white block: something to trim to
     assert _batch(image=[encode(at_limit)]).shape == (1, 28, 28)
 
+
+
+def test_a_request_is_refused_from_its_headers_when_it_would_decode_too_many_pixels(monkeypatch):
+    """Images whose headers add up to more than MAX_REQUEST_PIXELS are refused before any of them is decoded:
+    two images at the per-image limit (80 M) fit every per-image check and still exceed the 64 M budget."""
+    width = 6400
+    at_limit = encode(Image.new("1", (width, pre.MAX_IMAGE_PIXELS // width)))
+    frame = pd.DataFrame({"image": [at_limit, at_limit]})
+
+    def no_decoding(image):
+        raise AssertionError("an image was decoded before the request's budget was checked")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(pre.InputError, match="decode to 80,000,000 pixels, more than 64,000,000 per request"):
+        pre.open_rows(frame)
+    assert pre.decoded_pixels(pre.open_rows(pd.DataFrame({"image": [at_limit]}))) == pre.MAX_IMAGE_PIXELS
+
+
+def test_a_phone_sized_jpeg_costs_and_decodes_at_a_fraction(dataset):
+    """A 4000x3000 JPEG is decoded at 1/4 scale (DCT scaling), so it costs 1000x750 pixels of the request's
+    budget, and is still read as the same garment."""
+    photo = encode(Image.fromarray(255 - dataset.test_images[0]).resize((4000, 3000)), "JPEG", quality=90)
+    rows = pre.open_rows(pd.DataFrame({"image": [photo]}))
+    assert rows[0].size == (1000, 750) and pre.decoded_pixels(rows) == 1000 * 750
+    full = _batch(image=[encode(Image.fromarray(255 - dataset.test_images[0]).resize((400, 300)), "JPEG")])
+    assert _correlation(pre.decode_rows(rows, time.monotonic() + 10)[0], full[0]) > 0.95
+
+
+def test_decoding_stops_at_the_deadline(dataset):
+    """Past its deadline a request's remaining images are not decoded: DeadlineExceeded names how far it got."""
+    rows = pre.open_rows(pd.DataFrame({"image": [png_base64(img) for img in dataset.test_images[:3]]}))
+    with pytest.raises(pre.DeadlineExceeded, match="stopped after 0 of 3 images"):
+        pre.decode_rows(rows, deadline=time.monotonic() - 1)
+
+
+def test_a_worker_decodes_one_heavy_request_at_a_time_and_light_ones_beside_it():
+    """While one request holds the largest budget, another as heavy is told Busy; a light one still fits;
+    once the first is done the heavy one is admitted."""
+    with pre.admitted(pre.MAX_REQUEST_PIXELS):
+        with pytest.raises(pre.Busy, match="retry in a moment"), pre.admitted(pre.MAX_REQUEST_PIXELS):
+            pass
+        with pre.admitted(16 * 28 * 28):
+            pass
+    with pre.admitted(pre.MAX_REQUEST_PIXELS):
+        pass

@@ -74,10 +74,10 @@ BAD_REQUESTS = {  # name: (body, status, words the message must contain)
     "strings for numbers": (_pixels([["a"] * 28] * 28), 400, "array of numbers"),
     "a string for pixels": (_pixels("hello"), 400, "28x28 array of numbers"),
     "not base64": (_records({"image": "this is not base64!"}), 400, "not valid base64"),
-    "not an image": (_image(b"just some bytes, not an image"), 400, "not a PNG or JPEG"),
-    "GIF as PNG": (_image(_encoded(Image.new("L", (28, 28)), "GIF")), 400, "not a PNG or JPEG"),
-    "TIFF as PNG": (_image(_encoded(Image.new("L", (28, 28)), "TIFF")), 400, "not a PNG or JPEG"),
-    "SVG as PNG": (_image(SVG), 400, "not a PNG or JPEG"),
+    "not an image": (_image(b"just some bytes, not an image"), 400, "not an image in an accepted format"),
+    "TIFF": (_image(_encoded(Image.new("L", (28, 28)), "TIFF")), 400, "TIFF is not accepted; send PNG, JPEG"),
+    "SVG": (_image(SVG), 400, "SVG is not accepted"),
+    "PDF": (_image(b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n"), 400, "PDF is not accepted"),
     "truncated JPEG": (_image(_truncated_jpeg()), 400, "truncated or corrupt"),
     "decompression bomb": (_image(_encoded(Image.new("1", (20000, 20000)), "PNG")), 400, "exceeds"),
     "body over the limit": (_records({"image": "A" * (preprocessing.MAX_BODY_BYTES + 1)}), 413,
@@ -144,17 +144,34 @@ UNUSUAL = {  # name: the test image as people might send it; the model must see 
     "16-bit": lambda p: _encoded(Image.fromarray(p.astype(np.uint16) * 257), "PNG"),
     "CMYK JPEG": _cmyk_jpeg,
     "EXIF-rotated": lambda p: base64.b64decode(exif_rotated_jpeg(p)),
+    "WebP": lambda p: _encoded(upscaled(255 - p), "WEBP", quality=90),
+    "GIF": lambda p: _encoded(upscaled(255 - p), "GIF"),
+    "animated GIF": lambda p: _encoded(upscaled(255 - p), "GIF", save_all=True,
+                                       append_images=[Image.new("L", (300, 300), 255)], duration=100),
+    "BMP": lambda p: _encoded(upscaled(255 - p).convert("RGB"), "BMP"),
+    "AVIF": lambda p: _encoded(upscaled(255 - p).convert("RGB"), "AVIF", quality=90),
+}
+BASE64_AS_PEOPLE_WRITE_IT = {  # name: the standard base64 of an image -> what people send
+    "browser data URL": lambda b64: "data:image/png;base64," + b64,
+    "coreutils base64 (76 columns)": lambda b64: "\n".join(b64[i:i + 76] for i in range(0, len(b64), 76)) + "\n",
+    "URL-safe alphabet": lambda b64: b64.replace("+", "-").replace("/", "_"),
+    "no padding": lambda b64: b64.rstrip("="),
 }
 N_UNUSUAL = 10  # test images per variant
 
 
 def test_invocations_answers_unusual_but_valid_images_sensibly(scoring_url, dataset):
-    """Each variant of 10 real test images gets the class the raw pixels get (allowing one or two
-    borderline images); degenerate sizes (1x1, 10000x10) are answered with valid probabilities."""
+    """Each variant of 10 real test images (odd modes, EXIF rotation, every accepted format, the first frame
+    of an animated GIF, base64 written as browsers and shells write it) gets the class the raw pixels get
+    (allowing one or two borderline images); degenerate sizes (1x1, 10000x10) get valid probabilities."""
     images = dataset.test_images[:N_UNUSUAL]
     raw = _post(scoring_url, _records(*[{"pixels": img.tolist()} for img in images])).json()["predictions"]
-    for name, variant in UNUSUAL.items():
-        response = _post(scoring_url, _records(*[{"image": _b64(variant(img))} for img in images]))
+    variants = {name: [_b64(variant(img)) for img in images] for name, variant in UNUSUAL.items()}
+    variants |= {name: [written(png_base64(img)) for img in images]
+                 for name, written in BASE64_AS_PEOPLE_WRITE_IT.items()}
+    assert any("+" in b64 or "/" in b64 for b64 in map(png_base64, images))  # the URL-safe case changes something
+    for name, encoded in variants.items():
+        response = _post(scoring_url, _records(*[{"image": b64} for b64 in encoded]))
         assert response.status_code == 200, (name, response.text[:300])
         agree = [a["class_index"] == b["class_index"] for a, b in zip(response.json()["predictions"], raw, strict=True)]
         assert sum(agree) >= N_UNUSUAL - 2, name
@@ -207,23 +224,34 @@ def test_ui_json_api_answers_every_odd_body_with_a_4xx(ui_url, body):
     ("empty filename", 400, "no file uploaded"),
     ("too many files", 413, f"at most {ui.MAX_FILES}"),
     ("request over the total limit", 413, "in total"),
-    ("GIF disguised as PNG", 400, "not a PNG or JPEG"),
-    ("SVG disguised as PNG", 400, "not a PNG or JPEG"),
+    ("PDF disguised as PNG", 400, "PDF is not accepted"),
+    ("SVG disguised as PNG", 400, "SVG is not accepted"),
 ])
 def test_ui_refuses_bad_uploads_clearly(ui_url, dataset, case, status, words):
-    """Each bad form upload (none, empty, too many, too large, a GIF or SVG named .png) gets its 4xx with a clear
+    """Each bad form upload (none, empty, too many, too large, a PDF or SVG named .png) gets its 4xx with a clear
     message and no trace."""
     png = base64.b64decode(png_base64(dataset.test_images[0]))
     files = {"no file": [], "empty filename": [("", b"")],
              "too many files": [(f"{i}.png", png) for i in range(ui.MAX_FILES + 1)],
              "request over the total limit": [(f"{i}.png", _png_of_size(dataset.test_images[0], ui.MAX_FILE_BYTES))
                                               for i in range(ui.MAX_REQUEST_BYTES // ui.MAX_FILE_BYTES + 1)],
-             "GIF disguised as PNG": [("a.png", _encoded(Image.new("L", (28, 28)), "GIF"))],
+             "PDF disguised as PNG": [("a.png", b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n")],
              "SVG disguised as PNG": [("a.png", SVG)]}[case]
     response = _form_upload(ui_url, files) if files else harness.ui_session(ui_url).post(f"{ui_url}/predict",
                                                                                        data={"x": "1"}, timeout=30)
     assert response.status_code == status and words in response.json()["message"], response.text[:300]
     assert not any(leak in response.text for leak in LEAKS)
+
+
+def test_ui_takes_images_as_people_send_them(ui_url, dataset):
+    """The JSON API takes a browser data URL and wrapped base64; the form takes WebP, GIF, BMP and AVIF files."""
+    png = png_base64(dataset.test_images[0])
+    body = {"images": [BASE64_AS_PEOPLE_WRITE_IT[name](png) for name in BASE64_AS_PEOPLE_WRITE_IT]}
+    answer = requests.post(f"{ui_url}/predict", json=body, timeout=30)
+    assert answer.status_code == 200 and len({r["class_name"] for r in answer.json()["results"]}) == 1
+    files = [(f"shoe.{name.lower()}", UNUSUAL[name](dataset.test_images[0])) for name in ("WebP", "GIF", "BMP", "AVIF")]
+    answer = _form_upload(ui_url, files)
+    assert answer.status_code == 200 and len(answer.json()["results"]) == 4, answer.text[:300]
 
 
 def test_ui_never_uses_the_client_filename_as_a_path(ui_url, dataset, tmp_path):

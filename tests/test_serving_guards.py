@@ -1,9 +1,11 @@
-"""The scoring server's ASGI guards on their own: the body limit on streamed bodies, and clean error bodies."""
+"""The scoring server's ASGI guards on their own: the body limit on streamed bodies, clean error bodies, the
+concurrency cap."""
 
 import asyncio
 import json
+import types
 
-from fmnist_pyfunc import scoring
+from fmnist_pyfunc import live_model, scoring
 
 LIMIT = 1000
 
@@ -62,3 +64,44 @@ def test_clean_error_keeps_mlflow_reason_only():
         "error_code": "GATEWAY_TIMEOUT", "message": "Request processing time exceeded limit"}
     long = scoring.clean_error(400, json.dumps({"message": "x" * 10_000}).encode())["message"]
     assert len(long) == scoring.MAX_ERROR_CHARS + len("...")
+
+
+def test_a_worker_past_its_concurrency_cap_answers_429_with_retry_after():
+    """With MAX_CONCURRENT_REQUESTS scoring requests in progress, one more gets 429 with Retry-After at once;
+    a 429 from the model (its decoding budget) carries Retry-After too; once a slot frees, requests pass."""
+    release = asyncio.Event()
+
+    async def model_app(scope, receive, send):
+        if scope["path"] == "/busy":
+            await send({"type": "http.response.start", "status": 429, "headers": []})
+        else:
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    live = types.SimpleNamespace(current=live_model.Served(model_app, {"name": "m"}, [(b"x-model-name", b"m")]))
+    app = scoring.ScoringApp(live)
+
+    async def request(path: str = "/invocations") -> dict:
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        await app({"type": "http", "path": path, "method": "POST", "headers": []}, None, send)
+        return {"status": sent[0]["status"], "headers": dict(sent[0]["headers"])}
+
+    async def scenario():
+        waiting = [asyncio.create_task(request()) for _ in range(scoring.MAX_CONCURRENT_REQUESTS)]
+        await asyncio.sleep(0.01)
+        # (wait_for: without the cap the extra request would wait on the others for ever)
+        refused = await asyncio.wait_for(request(), timeout=5)
+        busy = await request("/busy")
+        release.set()
+        return refused, busy, await asyncio.gather(*waiting), await request()
+
+    refused, busy, served, after = asyncio.run(scenario())
+    assert refused["status"] == 429 and refused["headers"][b"retry-after"] == b"1"
+    assert busy["status"] == 429 and busy["headers"][b"retry-after"] == b"1"
+    assert [r["status"] for r in served] == [200] * scoring.MAX_CONCURRENT_REQUESTS and after["status"] == 200
+    assert all(r["headers"][b"x-model-name"] == b"m" for r in served)

@@ -209,3 +209,13 @@ def test_every_test_states_the_property_it_checks():
         bare = [node.name for node in tree.body if isinstance(node, ast.FunctionDef)
                 and node.name.startswith("test") and not ast.get_docstring(node)]
         assert not bare, (path.name, bare)
+
+
+def test_a_changed_dependency_list_rebuilds_the_venv_layer():
+    """The pip install layer comes after a COPY of pyproject.toml: every engine keys that layer's cache on the
+    list's content (buildah does not key on bind mounts, which once reused a venv missing a new package)."""
+    dockerfile = (REPO / "Dockerfile").read_text()
+    copy = re.search(r"^COPY [^\n]*pyproject\.toml[^\n]*$", dockerfile, re.M)
+    install = dockerfile.find("pip install")
+    assert copy and copy.start() < install, "pyproject.toml must be COPYed before the pip install layer"
+    assert "source=pyproject.toml" not in dockerfile

@@ -17,7 +17,6 @@ POST /predict takes either
 from __future__ import annotations
 
 import base64
-import binascii
 import hmac
 import os
 import secrets
@@ -27,6 +26,7 @@ from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 
+import numpy as np
 import requests
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -83,9 +83,9 @@ def _check_csrf() -> None:
 
 def _decode(encoded, name: str) -> bytes:
     try:
-        return base64.b64decode(encoded, validate=True)
-    except (binascii.Error, ValueError, TypeError):
-        raise UploadError(f"{name}: not a base64 string") from None
+        return preprocessing.decode_base64(encoded, name)
+    except preprocessing.InputError as exc:
+        raise UploadError(str(exc)) from None
 
 
 def _json_uploads() -> list[tuple[str, Callable[[], bytes]]]:
@@ -96,7 +96,7 @@ def _json_uploads() -> list[tuple[str, Callable[[], bytes]]]:
     body = request.get_json(silent=True)
     images = body.get("images") if isinstance(body, dict) else None
     if not isinstance(images, list) or not images:
-        raise UploadError('send JSON {"images": ["<base64 PNG or JPEG>", ...]} with at least one image')
+        raise UploadError('send JSON {"images": ["<base64 image or data URL>", ...]} with at least one image')
     names = [f"image {index + 1}" for index in range(len(images))]
     return [(name, partial(_decode, encoded, name)) for name, encoded in zip(names, images, strict=True)]
 
@@ -104,7 +104,7 @@ def _json_uploads() -> list[tuple[str, Callable[[], bytes]]]:
 def _form_uploads() -> list[tuple[str, Callable[[], bytes]]]:
     files = [f for f in request.files.getlist("files") if f is not None]
     if not files or all(not f.filename for f in files):
-        raise UploadError("no file uploaded: choose one or more PNG or JPEG images")
+        raise UploadError(f"no file uploaded: choose one or more images ({preprocessing.ACCEPTED})")
     # The client's filename is only ever echoed back (escaped by the page), never used as a path.
     names = [Path(f.filename or "").name[:100] or f"file {index + 1}" for index, f in enumerate(files)]
     return [(name, partial(f.read, MAX_FILE_BYTES + 1)) for name, f in zip(names, files, strict=True)]
@@ -128,7 +128,8 @@ def _read_uploads() -> list[tuple[str, bytes]]:
 def _score(session: requests.Session, scoring_url: str, images: list[bytes],
            timeout_s: float) -> tuple[list[dict], dict]:
     """The predictions, and the model that made them (from the answer's X-Model-* headers)."""
-    body = {"dataframe_records": [{"image": base64.b64encode(img).decode()} for img in images]}
+    body = {"dataframe_records": [{"image": base64.b64encode(img).decode()} for img in images],
+            "params": {"return_seen": True}}  # the 28x28 image the model classified, shown beside each upload
     try:
         response = session.post(f"{scoring_url}/invocations", json=body, timeout=timeout_s)
     except requests.Timeout:
@@ -137,10 +138,27 @@ def _score(session: requests.Session, scoring_url: str, images: list[bytes],
         raise UploadError("the model server is not reachable right now; try again in a moment", 503) from None
     if response.status_code == 400:
         raise UploadError("the model could not read one of these images", 422)
+    if response.status_code in (429, 504):  # the scoring server's work limits: its message says which
+        raise UploadError(_upstream_message(response), response.status_code)
     if response.status_code != 200:
         raise UploadError("the model server failed to answer; try again in a moment", 502)
     model = {key: response.headers.get(header) for key, header in MODEL_HEADERS.items()}
     return response.json()["predictions"], model
+
+
+def _upstream_message(response: requests.Response) -> str:
+    try:
+        return str(response.json()["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return "the model server is busy; try again in a moment"
+
+
+def _seen_png(prediction: dict) -> str | None:
+    """The 28x28 image the model classified, as a data URL the page can show (None from older models)."""
+    seen = prediction.get("seen")
+    if seen is None:
+        return None
+    return "data:image/png;base64," + preprocessing.png_base64(np.asarray(seen, dtype=np.uint8))
 
 
 def _served_model(session: requests.Session, scoring_url: str) -> dict | None:
@@ -207,7 +225,8 @@ def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTR
         uploads = _read_uploads()
         predictions, model = _score(upstream, scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
-                    "probability": max(p["probabilities"]), "probabilities": p["probabilities"]}
+                    "probability": max(p["probabilities"]), "probabilities": p["probabilities"],
+                    "seen": _seen_png(p)}
                    for (name, _), p in zip(uploads, predictions, strict=True)]
         return jsonify(results=results, class_names=config.CLASS_NAMES, model=model)
 

@@ -38,7 +38,16 @@ function card(result, previewUrl, classNames, model) {
   answeredBy.className = "muted answered-by";
   answeredBy.textContent = `answered by ${modelLabel(model)}`;
   text.append(name, prediction, answeredBy);
-  head.append(img, text);
+  head.append(img);
+  if (result.seen) {  // what the model classified after preprocessing: 28x28, shown enlarged
+    const seen = document.createElement("img");
+    seen.className = "seen";
+    seen.src = result.seen;
+    seen.alt = "what the model saw (28x28)";
+    seen.title = "what the model saw: 28x28 after preprocessing";
+    head.append(seen);
+  }
+  head.append(text);
   const chart = document.createElement("div");
   chart.className = "chart";
   result.probabilities.forEach((p, i) => {
