@@ -90,9 +90,11 @@ serve-all:
 # Team mode: a shared tracking server on PostgreSQL, artifacts served through it (see docs/team.md).
 TRACKING_DB_URI ?= postgresql://mlflow@127.0.0.1:5432/mlflow
 ARTIFACTS_DESTINATION ?= $(CURDIR)/mlartifacts
+# Users and passwords (MLflow's basic-auth app): MLFLOW_TRACKING_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY
+# in the environment; PostgreSQL's password in PGPASSWORD or ~/.pgpass.
 tracking-server: install
-	mlflow server --backend-store-uri $(TRACKING_DB_URI) --artifacts-destination $(ARTIFACTS_DESTINATION) \
-	  --host $(HOST) --port $(MLFLOW_UI_PORT)
+	python -m entrypoints.tracking_server --backend-store-uri $(TRACKING_DB_URI) \
+	  --artifacts-destination $(ARTIFACTS_DESTINATION) --host $(HOST) --port $(MLFLOW_UI_PORT)
 
 mlflow-ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h $(HOST) -p $(MLFLOW_UI_PORT)

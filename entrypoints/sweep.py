@@ -14,6 +14,7 @@ import sys
 import mlflow
 import optuna
 import requests
+import sqlalchemy.engine
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_trials < 0 or args.timeout_minutes < 0 or args.n_jobs < 1:
         parser.error("--n-trials and --timeout-minutes must be >= 0 and --n-jobs >= 1")
+    if sqlalchemy.engine.make_url(args.storage).password:
+        parser.error("--storage holds a password, which would be kept as a run parameter for everyone to read: "
+                     "drop it from the URL and set PGPASSWORD, or put it in ~/.pgpass (PostgreSQL reads both)")
     try:
         dataset = data.load()
     except data.DataError as exc:

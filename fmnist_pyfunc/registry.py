@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -152,12 +153,25 @@ def _move_to_production(client: MlflowClient, version: str) -> None:
                 client.transition_model_version_stage(REGISTERED_MODEL_NAME, other.version, ARCHIVED)
 
 
-def _lock_is_stale(client: MlflowClient) -> bool:
+def _stale_holder(client: MlflowClient) -> str | None:
+    """The holder token of the lock if it is stale (its promoter was killed), else None."""
     try:
-        since = float(client.get_registered_model(LOCK_MODEL_NAME).tags.get("since", "0"))
+        tags = client.get_registered_model(LOCK_MODEL_NAME).tags
     except mlflow.exceptions.MlflowException:
-        return False  # released meanwhile
-    return time.time() - since > LOCK_STALE_S
+        return None  # released meanwhile
+    return tags.get("holder", "") if time.time() - float(tags.get("since", "0")) > LOCK_STALE_S else None
+
+
+def take_over(client: MlflowClient, stale_holder: str) -> bool:
+    """Move the stale lock of `stale_holder` aside, atomically: renamed to a tombstone named after that holder.
+    Of several waiters that saw the same stale lock only one rename succeeds; a waiter acting late finds the
+    tombstone's name taken (or no lock) and fails instead of moving the next holder's fresh lock. Tombstones
+    are kept for that reason: one small registered model per killed promoter."""
+    try:
+        client.rename_registered_model(LOCK_MODEL_NAME, f"{LOCK_MODEL_NAME}.taken-over.{stale_holder}")
+        return True
+    except mlflow.exceptions.MlflowException:
+        return False
 
 
 @contextmanager
@@ -166,7 +180,7 @@ def promotion_lock():
     Production version the previous one left, and stages and alias are never written by two at once."""
     client = MlflowClient()
     deadline = time.monotonic() + LOCK_WAIT_S
-    holder = f"{socket.gethostname()}:{os.getpid()}"
+    holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"  # unique: tombstones are named so
     while True:
         try:
             client.create_registered_model(LOCK_MODEL_NAME, tags={"since": str(time.time()), "holder": holder},
@@ -175,8 +189,8 @@ def promotion_lock():
         except mlflow.exceptions.MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        if _lock_is_stale(client):
-            client.delete_registered_model(LOCK_MODEL_NAME)
+        stale = _stale_holder(client)
+        if stale is not None and take_over(client, stale):
             continue
         if time.monotonic() > deadline:
             raise PromotionError(f"another promotion has held {LOCK_MODEL_NAME!r} for over {LOCK_WAIT_S} s; "
@@ -185,7 +199,17 @@ def promotion_lock():
     try:
         yield
     finally:
-        client.delete_registered_model(LOCK_MODEL_NAME)
+        _release(client, holder)
+
+
+def _release(client: MlflowClient, holder: str) -> None:
+    """Delete the lock only if it is still ours: if this promotion outlived LOCK_STALE_S and was taken over,
+    the lock now belongs to someone else."""
+    try:
+        if client.get_registered_model(LOCK_MODEL_NAME).tags.get("holder") == holder:
+            client.delete_registered_model(LOCK_MODEL_NAME)
+    except mlflow.exceptions.MlflowException:
+        pass  # gone already
 
 
 def promote(run_id: str, dataset: data.FashionMNIST, force: bool = False) -> Decision:

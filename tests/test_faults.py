@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import harness
@@ -114,11 +115,27 @@ def test_a_promotion_killed_half_way_is_repaired_by_the_next(private_store, tmp_
 def test_a_stale_promotion_lock_is_taken_over(private_store, monkeypatch):
     """A promoter killed while holding the lock does not block promotions for ever."""
     client = mlflow.MlflowClient()
-    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed:1"})
+    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed-1"})
     monkeypatch.setattr(registry, "LOCK_WAIT_S", 5)
     with registry.promotion_lock():
         holder = client.get_registered_model(registry.LOCK_MODEL_NAME).tags["holder"]
-        assert holder != "killed:1"
+        assert holder != "killed-1"
+    assert not client.search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
+    assert client.get_registered_model(f"{registry.LOCK_MODEL_NAME}.taken-over.killed-1")
+
+
+def test_two_waiters_that_saw_the_same_stale_lock_take_it_over_once(private_store):
+    """Waiters A and B both saw the killed promoter's stale lock. A takes it over and holds a fresh lock of
+    its own; B, acting late on what it saw, must fail rather than move A's lock; and a promoter whose lock was
+    taken over does not delete its successor's on release."""
+    client = mlflow.MlflowClient()
+    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed-1"})
+    assert registry.take_over(client, "killed-1")
+    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": str(time.time()), "holder": "a"})
+    assert not registry.take_over(client, "killed-1")
+    registry._release(client, "killed-1")
+    assert client.get_registered_model(registry.LOCK_MODEL_NAME).tags["holder"] == "a"
+    registry._release(client, "a")
     assert not client.search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
 
 

@@ -1,5 +1,6 @@
 """The sweep's search space and its reading of failures, without training anything."""
 
+import mlflow
 import optuna
 import pytest
 import requests
@@ -46,3 +47,12 @@ def test_only_an_unreachable_backend_is_reported_as_lost(error, lost):
     """The sweep tells the user to resume later only when the storage or tracking server is unreachable; any
     other MLflow error (a bad run id, a permission) surfaces as itself."""
     assert sweep_cli.lost_backend(error) is lost
+
+
+def test_a_storage_url_with_a_password_is_refused_before_anything_runs(tracking_uri, capsys):
+    """A PostgreSQL password in --storage would be logged as a run parameter: refused (exit 2) before any
+    data or run, pointing to PGPASSWORD and ~/.pgpass."""
+    with pytest.raises(SystemExit) as exit_:
+        sweep_cli.main(["--storage", "postgresql://optuna:s3cret@127.0.0.1:1/optuna", "--experiment", "never"])
+    assert exit_.value.code == 2
+    assert "PGPASSWORD" in capsys.readouterr().err and mlflow.get_experiment_by_name("never") is None

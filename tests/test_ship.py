@@ -177,13 +177,14 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
 
 
 def test_compose_team_profile_runs_a_tracking_server_on_postgres():
-    """compose's team profile runs a tracking server on PostgreSQL with proxied artifacts, started only once the
-    database is healthy."""
+    """compose's team profile runs the basic-auth tracking server on PostgreSQL (its password from the environment,
+    never the command line) with proxied artifacts, started only once the database is healthy."""
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     tracking = compose["tracking"]
     command = " ".join(tracking["entrypoint"])
-    assert tracking["profiles"] == ["team"] and "postgresql://" in command
-    assert "--artifacts-destination" in command
+    assert tracking["profiles"] == ["team"] and "entrypoints.tracking_server" in command  # basic auth
+    assert "postgresql://mlflow@postgres/" in command and "--artifacts-destination" in command
+    assert tracking["environment"]["PGPASSWORD"] == "${POSTGRES_PASSWORD:-}"  # never in the command line
     assert tracking["depends_on"]["postgres"]["condition"] == "service_healthy"
 
 

@@ -64,21 +64,56 @@ def postgres():
     shutil.rmtree(pg.root, ignore_errors=True)
 
 
+ADMIN_PASSWORD = "team-mode-admin-0123"  # a test value: real ones come from the user's environment
+
+
 @pytest.fixture(scope="module")
 def tracking_server(postgres, tracking_uri):
+    """`make tracking-server` as the team runs it: MLflow's basic-auth app on PostgreSQL, artifacts proxied.
+    Everything in this module logs in as admin (MLFLOW_TRACKING_USERNAME/PASSWORD, as team members do)."""
     port = free_port()
     root = Path(tempfile.mkdtemp(prefix="fmnist-artifacts-"))
     log = root / "server.log"
-    process = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", postgres.url("mlflow"),
+    env = {**project_env(tracking_uri), "MLFLOW_TRACKING_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key"}
+    process = subprocess.Popen([str(BIN / "python"), "-m", "entrypoints.tracking_server",
+                                "--backend-store-uri", postgres.url("mlflow"), "--state-dir", str(root / "auth"),
                                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                                "--port", str(port), "--workers", "2"],
-                               env=project_env(tracking_uri), stdout=log.open("w"), stderr=subprocess.STDOUT)
+                                "--port", str(port), "--", "--workers", "2"],
+                               env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(f"{url}/health", process, log)
+    logins = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
+    os.environ.update(logins)
     yield url
+    for key in logins:
+        os.environ.pop(key, None)
     process.terminate()
     process.wait(timeout=30)
     mlflow.set_tracking_uri(tracking_uri)
+
+
+def test_the_tracking_server_refuses_anyone_without_a_login(tracking_server):
+    """No credentials or a wrong password: 401 on the REST API; the admin's login: 200."""
+    search = f"{tracking_server}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert requests.get(search, timeout=10).status_code == 401
+    assert requests.get(search, auth=("admin", "wrong-password"), timeout=10).status_code == 401
+    assert requests.get(search, auth=("admin", ADMIN_PASSWORD), timeout=10).status_code == 200
+
+
+def test_the_tracking_server_will_not_start_with_a_weak_or_inline_secret(postgres, tmp_path):
+    """No admin password (or a short one), or a database password inside the URI: it refuses to start."""
+    base = [str(BIN / "python"), "-m", "entrypoints.tracking_server", "--artifacts-destination", str(tmp_path),
+            "--state-dir", str(tmp_path / "auth")]
+    cases = [({"MLFLOW_TRACKING_ADMIN_PASSWORD": "short", "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"},
+              postgres.url("mlflow"), "at least 12"),
+             ({"MLFLOW_TRACKING_ADMIN_PASSWORD": ADMIN_PASSWORD, "MLFLOW_FLASK_SERVER_SECRET_KEY": "k"},
+              "postgresql://mlflow:secret@127.0.0.1/mlflow", "PGPASSWORD")]
+    for extra, uri, words in cases:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_ADMIN")} | extra
+        result = subprocess.run([*base, "--backend-store-uri", uri], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 2 and words in result.stderr, result.stderr[-500:]
 
 
 def _worker(postgres, tracking_url: str, cwd: Path, study: str) -> subprocess.Popen:
