@@ -13,8 +13,9 @@ on real test images:
     python benchmarks/serve_speed.py --swap               # single-image latency while promotions are followed
 
 --swap trains two tiny versions into a throwaway registry, then times single raw-image requests, in one run:
-plain `mlflow models serve` (the baseline), entrypoints.serve in steady state, and entrypoints.serve while
-Production flips between the two versions every --swap-every-s seconds (each flip followed by the server).
+plain `mlflow models serve` (the baseline), entrypoints.serve in steady state (default follow interval), and
+entrypoints.serve while Production flips between the two versions every --swap-every-s seconds (each flip
+followed at once through POST /reload).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import harness  # noqa: E402  (tests/harness.py: starting and stopping the serve
 
 BATCH_SIZES = (1, 32, 256)
 TINY = {"epochs": 1, "max_train_samples": 2000, "width": 32, "val_size": 500}  # the default width: real latency
-SWAP_FOLLOW_S = 0.5
 
 
 def percentiles(samples: list[float]) -> str:
@@ -101,8 +101,6 @@ def swap_benchmark(args, ds: data.FashionMNIST) -> None:
             command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port)
         if checkout:  # an older checkout's server, e.g. `git worktree add /tmp/before <commit>`
             env["PYTHONPATH"] = str(checkout)
-        elif not name.startswith("plain"):
-            command += ["--follow-interval-s", str(SWAP_FOLLOW_S)]
         server = harness.start(command, env, f"http://127.0.0.1:{port}/ping", logs / f"{port}.log",
                                cwd=checkout)
         try:
@@ -120,13 +118,15 @@ def swap_benchmark(args, ds: data.FashionMNIST) -> None:
 
 
 def during_swaps(session, url: str, body: dict, versions: list[str], args) -> tuple[list[float], int]:
-    """Time requests while Production flips every --swap-every-s; every answer must succeed. Returns the
-    times and how many switches of X-Model-Version the client saw (the server followed each promotion)."""
+    """Time requests while Production flips every --swap-every-s, each flip followed at once (POST /reload,
+    as an operator does after promoting; the server's own check runs every 10 s); every answer must
+    succeed. Returns the times and how many switches of X-Model-Version the client saw."""
     times, answered, target = [], [], 1
     next_swap, promotions = time.perf_counter(), 0
     while len(times) < args.requests or promotions < 2:
         if time.perf_counter() >= next_swap:
             promote_version(versions[target])
+            requests.post(url.replace("/invocations", "/reload"), timeout=60).raise_for_status()
             target, promotions, next_swap = 1 - target, promotions + 1, time.perf_counter() + args.swap_every_s
         start = time.perf_counter()
         response = session.post(url, json=body, timeout=60)
