@@ -30,8 +30,9 @@ def page():
 
 
 def test_upload_shows_prediction_and_chart(page, ui_url, dataset, tmp_path):
-    """In a real browser, uploading a test image shows a card with the class, its probability, ten bars and the
-    version that answered, under a header naming the served model and a healthy scoring server."""
+    """In a real browser, uploading a test image shows a card with the class, its probability, ten bars, the
+    28x28 image the model saw and the version that answered, under a header naming the served model and a
+    healthy scoring server."""
     image = tmp_path / "ankle_boot.png"
     image.write_bytes(base64.b64decode(png_base64(dataset.test_images[0])))  # test image 0 is an ankle boot
     page.goto(ui_url)
@@ -43,6 +44,9 @@ def test_upload_shows_prediction_and_chart(page, ui_url, dataset, tmp_path):
     expect(card.locator(".prediction")).to_contain_text("%")
     expect(card.locator(".bar-row")).to_have_count(10)
     expect(card.locator(".answered-by")).to_have_text(re.compile(r"answered by fashion-mnist-cnn v\d+$"))
+    seen = card.locator("img.seen")  # what the model classified, 28x28, beside the upload
+    expect(seen).to_be_visible()
+    assert seen.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [28, 28]
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ui_upload.png"), full_page=True)
 
