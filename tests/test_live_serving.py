@@ -128,7 +128,7 @@ def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, stor
         client.running = False
         client.join()
     statuses = [status for status, _ in client.answers]
-    assert statuses.count(200) == len(statuses) > 50, sorted(set(map(str, statuses)))
+    assert statuses.count(200) == len(statuses) >= 40, sorted(set(map(str, statuses)))  # two windows of 20
     versions = [v for _, v in client.answers]
     assert versions[versions.index(v2):].count(v1) <= 2 * 20, "a worker went back to v1"  # the other may lag
     print(f"{len(statuses)} requests, switched to v{v2} {took:.1f} s after the last v{v1}-only window")
