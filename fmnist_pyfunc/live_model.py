@@ -120,7 +120,7 @@ class LiveModel:
         self.current = load_checked(path, info)
         self.health = {"status": "ok", "reason": None}
         self._refused: str | None = None  # a version that failed: not retried until asked or replaced
-        self._downloads: list[str] = []
+        self._download: str | None = None  # the folder of the version swapped in last (for /model's `source`)
         self._lock = threading.Lock()     # one check at a time per worker (thread and /reload)
         self._publish(None)
         if self.reference and interval_s > 0:
@@ -162,20 +162,22 @@ class LiveModel:
             self.health, self._refused = {"status": "ok", "reason": None}, None
             metrics.RELOADS.inc()
             self._publish(previous)
-            self._forget_old_downloads()
 
     def _load_version(self, version: str) -> Served:
+        """Download and load a version into a folder of its own; the served model is then in memory, so the
+        previous version's folder goes on success, and this one's on failure."""
         name = self.reference[0]
         folder = tempfile.mkdtemp(prefix=f"fmnist-{name}-v{version}-")
-        self._downloads.append(folder)
-        path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=folder)
-        return load_checked(path, registered_info(name, version))
-
-    def _forget_old_downloads(self) -> None:
-        """The served model is in memory; only the newest download is kept (for /model's `source`)."""
-        for folder in self._downloads[:-1]:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=folder)
+            served = load_checked(path, registered_info(name, version))
+        except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
-        self._downloads = self._downloads[-1:]
+            raise
+        if self._download:
+            shutil.rmtree(self._download, ignore_errors=True)
+        self._download = folder
+        return served
 
     def _publish(self, previous: Served | None) -> None:
         if previous is not None:

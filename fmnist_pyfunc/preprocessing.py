@@ -300,8 +300,3 @@ def decode_rows(rows: list, deadline: float) -> np.ndarray:
                                    f"{MAX_REQUEST_SECONDS:g} s; send fewer or smaller images per request")
         batch[index] = image_to_array(decode_image(row, f"row {index}"))
     return batch
-
-
-def frame_to_batch(frame) -> np.ndarray:
-    """DataFrame with columns `pixels` and/or `image`, one filled per row -> float32 (N, 28, 28)."""
-    return decode_rows(open_rows(frame), time.monotonic() + MAX_REQUEST_SECONDS)

@@ -59,6 +59,16 @@ async def _send_json(send, status: int, payload: dict, headers: list | None = No
     await _send(send, status, json.dumps(payload).encode(), headers=headers)
 
 
+def _replaying(message: dict, receive):
+    """A `receive` that first gives the app `message` (a body a guard has read already), then the real one."""
+    pending = [message]
+
+    async def replay():
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
 class BodyLimit:
     """Refuse request bodies over `max_bytes` with 413, by Content-Length or while streaming."""
 
@@ -83,16 +93,8 @@ class BodyLimit:
                 return await _send_json(send, 413, too_large)
             if not message.get("more_body"):
                 break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying({"type": "http.request", "body": bytes(body), "more_body": False}, receive),
+                       send)
 
 
 class WellFormed:
@@ -118,16 +120,7 @@ class WellFormed:
                 "error_code": HTTPStatus.BAD_REQUEST.name,
                 "message": f"JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}): send "
                            '{"dataframe_records": [{"pixels": [[...28 numbers...], ...]} or {"image": "<base64>"}]}'})
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return message
-
-        await self.app(scope, replay, send)
+        await self.app(scope, _replaying(message, receive), send)
 
 
 def clean_error(status: int, body: bytes) -> dict:
@@ -226,9 +219,10 @@ class ScoringApp:
 
     async def _reload(self, scope, send):
         if scope["method"] != "POST":
-            return await _send_json(send, 405, {"error_code": "METHOD_NOT_ALLOWED", "message": "POST /reload"})
+            return await _send_json(send, 405, {"error_code": HTTPStatus.METHOD_NOT_ALLOWED.name,
+                                                "message": "POST /reload"})
         if (scope.get("client") or ("",))[0] not in LOOPBACK_CLIENTS:
-            return await _send_json(send, 403, {"error_code": "PERMISSION_DENIED",
+            return await _send_json(send, 403, {"error_code": HTTPStatus.FORBIDDEN.name,
                                                 "message": "/reload answers only on the server's own machine"})
         self.live.request_reload()  # the other workers
         await asyncio.to_thread(self.live.refresh, True)  # this one, before answering
@@ -274,11 +268,12 @@ class ScoredRows:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/invocations":
             return await self.app(scope, receive, send)
-        request, answer = bytearray(), {"status": 0, "body": bytearray()}
+        # The body's chunks are kept, not copied: behind BodyLimit it is one chunk of up to 32 MiB.
+        request, answer = [], {"status": 0, "body": bytearray()}
 
         async def kept_receive():
             message = await receive()
-            request.extend(message.get("body", b""))
+            request.append(message.get("body", b""))
             return message
 
         async def kept_send(message):
@@ -290,7 +285,7 @@ class ScoredRows:
 
         await self.app(scope, kept_receive, kept_send)
         if answer["status"] == 200:
-            asyncio.get_running_loop().run_in_executor(None, count_rows, bytes(request), bytes(answer["body"]))
+            asyncio.get_running_loop().run_in_executor(None, count_rows, b"".join(request), bytes(answer["body"]))
 
 
 def count_rows(request: bytes, answer: bytes) -> None:

@@ -23,7 +23,8 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _batch(**columns) -> np.ndarray:
-    return pre.frame_to_batch(pd.DataFrame(columns))
+    """What the pyfunc does with its input, without the model: open (checks from headers), then decode."""
+    return pre.decode_rows(pre.open_rows(pd.DataFrame(columns)), time.monotonic() + pre.MAX_REQUEST_SECONDS)
 
 
 def test_raw_pixels_pass_through_unchanged(dataset):
