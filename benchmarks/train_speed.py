@@ -1,14 +1,17 @@
-"""Epoch time and time-to-accuracy: our tensor pipeline vs. the naive DataLoader pipeline.
+"""Training speed, three comparisons, each measured in one run on one machine:
 
-Both train the same network (the default CNN) with the same optimiser, schedule and seed; they differ
-only in how batches are made:
-  * ours:  the whole split is one normalised tensor; flips are applied to whole batches;
-  * naive: torchvision-style Dataset of PIL images, per-image RandomHorizontalFlip/ToTensor/Normalize,
-           DataLoader with default workers (the tutorial pipeline).
+  pipeline   our tensor pipeline vs. the naive DataLoader pipeline (epoch time, time to --target val. accuracy).
+             Same network, optimiser, schedule and seed; they differ only in how batches are made:
+               * ours:  the whole split is one normalised tensor; flips are applied to whole batches;
+               * naive: torchvision-style Dataset of PIL images, per-image RandomHorizontalFlip/ToTensor/
+                        Normalize, DataLoader with default workers (the tutorial pipeline).
+  precision  the default `train` in fp32 vs. under bf16 autocast, --epochs each: epoch time, validation
+             accuracy after the same epochs, the ratio. (precision=auto picks bf16 only where it is native.)
+  defaults   the previous default `train` (PREVIOUS_DEFAULTS) vs. today's, in full: training time, test
+             accuracy, calibration error, the ratio. ~15 min on 2 cores.
 
-    python benchmarks/train_speed.py                # 2 epochs each, target 88 % validation accuracy
-    python benchmarks/train_speed.py --epochs 1     # quicker
-Prints one line per pipeline and the ratios.
+    python benchmarks/train_speed.py                        # pipeline and precision, 2 epochs each
+    python benchmarks/train_speed.py defaults               # the full default runs
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from fmnist_pyfunc import augment, config, data, models, training
+from fmnist_pyfunc import augment, config, data, inference, models, training
 
 
 class NaiveDataset(Dataset):
@@ -43,7 +46,8 @@ class NaiveDataset(Dataset):
 
 def _fit(make_batches, steps_per_epoch: int, cfg: dict, x_val, y_val, target: float) -> dict:
     training.seed_everything(cfg["seed"])
-    model = models.build("cnn", cfg["width"], cfg["depth"], cfg["dropout"]).to(memory_format=torch.channels_last)
+    model = models.build(cfg["arch"], cfg["width"], cfg["depth"], cfg["dropout"])
+    model = model.to(memory_format=models.memory_format(cfg["arch"]))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=training.MOMENTUM, nesterov=True,
                                 weight_decay=cfg["weight_decay"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], pct_start=training.WARMUP_FRACTION,
@@ -61,25 +65,21 @@ def _fit(make_batches, steps_per_epoch: int, cfg: dict, x_val, y_val, target: fl
             schedule.step()
         epoch_seconds.append(time.perf_counter() - start)
         elapsed += epoch_seconds[-1]
-        val_acc = training.evaluate(model, x_val, y_val, tta=False)["accuracy"]
+        val_acc = training.scores(inference.logits(model, x_val, False, False), y_val)["accuracy"]
         if time_to_target is None and val_acc >= target:
             time_to_target = elapsed
     return {"epoch_s": float(np.mean(epoch_seconds)), "time_to_target_s": time_to_target, "val_acc": val_acc}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per pipeline (default: %(default)s)")
-    parser.add_argument("--target", type=float, default=0.88,
-                        help="validation accuracy for time-to-accuracy (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch CPU threads (default: %(default)s)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = {**config.TRAIN_DEFAULTS, "epochs": args.epochs, "augment": "flip"}
-    ds = data.load()
+# The default `train` before issue 14 (the plain CNN, 14 epochs), for the `defaults` comparison.
+PREVIOUS_DEFAULTS = {"arch": "cnn", "width": 32, "depth": 3, "dropout": 0.1, "epochs": 14, "batch_size": 256,
+                     "lr": 0.1, "weight_decay": 5e-4, "label_smoothing": 0.1, "augment": "flip", "tta": True}
+
+
+def pipelines(ds: data.FashionMNIST, epochs: int, target: float) -> None:
+    cfg = {**config.TRAIN_DEFAULTS, "epochs": epochs, "augment": "flip"}
     train_idx, val_idx = data.stratified_split(ds.train_labels, cfg["val_size"], cfg["seed"])
-    x_val, y_val = models.normalize(ds.train_images[val_idx]), torch.from_numpy(ds.train_labels[val_idx])
+    x_val, y_val = ds.train_images[val_idx], ds.train_labels[val_idx]
     x_train, y_train = models.normalize(ds.train_images[train_idx]), torch.from_numpy(ds.train_labels[train_idx])
     batch, steps = cfg["batch_size"], len(train_idx) // cfg["batch_size"]
     generator = torch.Generator().manual_seed(cfg["seed"])
@@ -92,18 +92,69 @@ def main() -> None:
 
     loader = DataLoader(NaiveDataset(ds.train_images[train_idx], ds.train_labels[train_idx]),
                         batch_size=batch, shuffle=True, drop_last=True)
-    results = {"ours (tensor batches)": _fit(tensor_batches, steps, cfg, x_val, y_val, args.target),
-               "naive (DataLoader+PIL)": _fit(lambda: iter(loader), steps, cfg, x_val, y_val, args.target)}
-    print(f"threads={args.threads} epochs={args.epochs} target_val_acc={args.target}")
+    results = {"ours (tensor batches)": _fit(tensor_batches, steps, cfg, x_val, y_val, target),
+               "naive (DataLoader+PIL)": _fit(lambda: iter(loader), steps, cfg, x_val, y_val, target)}
+    print(f"== pipeline: {cfg['arch']} width {cfg['width']}, {epochs} epochs, target val. accuracy {target:.0%}")
     for name, r in results.items():
         ttt = f"{r['time_to_target_s']:.1f}s" if r["time_to_target_s"] else "not reached"
-        print(f"{name:24s} epoch {r['epoch_s']:7.1f}s  time-to-{args.target:.0%} {ttt:>12s}  "
-              f"val_acc {r['val_acc']:.4f}")
+        print(f"{name:24s} epoch {r['epoch_s']:7.1f}s  time-to-{target:.0%} {ttt:>12s}  val_acc {r['val_acc']:.4f}")
     ours, naive = results.values()
     print(f"speed-up: epoch {naive['epoch_s'] / ours['epoch_s']:.1f}x", end="")
     if ours["time_to_target_s"] and naive["time_to_target_s"]:
         print(f", time-to-accuracy {naive['time_to_target_s'] / ours['time_to_target_s']:.1f}x", end="")
     print()
+
+
+def _train(ds: data.FashionMNIST, cfg: dict) -> dict:
+    """One `train` as the entry point runs it (without MLflow): time, validation and test scores."""
+    start = time.perf_counter()
+    result = training.train(config.validate(cfg), ds, progress=False)
+    tta = config.validate(cfg)["tta"]
+    logits = inference.logits(result.model.to("cpu"), ds.test_images, tta, inference.serving_bf16())
+    raw, test = training.scores(logits, ds.test_labels), training.scores(logits, ds.test_labels, result.temperature)
+    return {"seconds": time.perf_counter() - start, "epoch_s": result.train_seconds / len(result.history),
+            "val_acc": result.history[-1]["val_accuracy"], "test_acc": test["accuracy"],
+            "ece_raw": raw["ece"], "ece": test["ece"]}
+
+
+def precisions(ds: data.FashionMNIST, epochs: int) -> None:
+    print(f"== precision: default network, {epochs} epochs each (full schedule compressed into them); "
+          f"this CPU has native bf16: {inference.native_bf16(torch.device('cpu'))}")
+    runs = {p: _train(ds, {"epochs": epochs, "precision": p}) for p in ("fp32", "bf16")}
+    for name, r in runs.items():
+        print(f"{name:5s} epoch {r['epoch_s']:6.1f}s  val_acc {r['val_acc']:.4f}")
+    print(f"bf16/fp32 epoch time: {runs['bf16']['epoch_s'] / runs['fp32']['epoch_s']:.2f}")
+
+
+def defaults(ds: data.FashionMNIST) -> None:
+    print("== defaults: previous default train vs. today's (training + test evaluation, no MLflow)")
+    runs = {"previous": _train(ds, PREVIOUS_DEFAULTS), "today": _train(ds, {})}
+    for name, r in runs.items():
+        print(f"{name:9s} {r['seconds']:7.1f}s ({r['epoch_s']:.1f}s/epoch)  test_acc {r['test_acc']:.4f}  "
+              f"ECE raw {r['ece_raw']:.4f} calibrated {r['ece']:.4f}")
+    print(f"time today/previous: {runs['today']['seconds'] / runs['previous']['seconds']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="*", default=["pipeline", "precision"],
+                        choices=["pipeline", "precision", "defaults"], help="(default: pipeline precision)")
+    parser.add_argument("--epochs", type=int, default=2,
+                        help="epochs for pipeline and precision (default: %(default)s)")
+    parser.add_argument("--target", type=float, default=0.88,
+                        help="validation accuracy for time-to-accuracy (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch CPU threads (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"threads={args.threads} torch={torch.__version__} cpu={torch.backends.cpu.get_cpu_capability()}")
+    ds = data.load()
+    if "pipeline" in args.what:
+        pipelines(ds, args.epochs, args.target)
+    if "precision" in args.what:
+        precisions(ds, args.epochs)
+    if "defaults" in args.what:
+        defaults(ds)
 
 
 if __name__ == "__main__":

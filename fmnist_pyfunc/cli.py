@@ -9,9 +9,17 @@ import os
 
 import mlflow
 
-from fmnist_pyfunc.config import ARCHS, AUGMENTS, DEFAULT_TRACKING_URI, DEVICES, EXPERIMENT_NAME, TRAIN_DEFAULTS
+from fmnist_pyfunc.config import (
+    ARCHS,
+    AUGMENTS,
+    DEFAULT_TRACKING_URI,
+    DEVICES,
+    EXPERIMENT_NAME,
+    PRECISIONS,
+    TRAIN_DEFAULTS,
+)
 
-CHOICES = {"arch": ARCHS, "augment": AUGMENTS, "device": DEVICES}
+CHOICES = {"arch": ARCHS, "augment": AUGMENTS, "device": DEVICES, "precision": PRECISIONS}
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")
 
 

@@ -4,9 +4,8 @@ Two input kinds, one row each in a pandas DataFrame (the pyfunc model's input):
   * `pixels`: a 28x28 array on the dataset's 0-255 scale, used as is;
   * `image`:  a base64 image (PNG, JPEG, WebP, GIF, BMP, AVIF; a data URL, wrapped lines, the URL-safe
               alphabet and missing padding are fine) of any size, grey or colour, with or without alpha, on a
-              light or a dark background. It is put through the steps Zalando used to build Fashion-MNIST: grey,
-              negate when the background is light, trim to the garment, resize the longest edge to 28,
-              centre on a black 28x28 canvas.
+              light or a dark background, a scan or a casual phone photo. `photo.py` turns it into what the
+              dataset looks like: light garment on black, trimmed, longest edge 28, centred.
 Everything that is not one of these raises `InputError` with a message fit for the API's caller.
 Depends on numpy, pandas and Pillow only.
 """
@@ -26,10 +25,10 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fmnist_pyfunc import photo
 from fmnist_pyfunc.data import IMAGE_SIZE
+from fmnist_pyfunc.photo import PIXEL_MAX
 
-PIXEL_MAX = 255.0
-UINT16_MAX = 65535.0
 MAX_BATCH_ROWS = 1024            # rows per request: ~1 s of CPU work, bounds memory per request
 MAX_IMAGE_BYTES = 10 * 2**20     # 10 MiB of encoded image per row: larger than any product photo
 MAX_IMAGE_PIXELS = 40_000_000    # width x height before decoding: stops decompression bombs
@@ -61,12 +60,6 @@ REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "CMYK", "I", "F")
 # A browser data URL's prefix, e.g. "data:image/png;base64,".
 DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*(?:;[\w.+-]+=[^;,]*)*;base64,", re.IGNORECASE)
 URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
-# A pixel belongs to the garment when it is this far (0-255) above the background after negation:
-# above JPEG noise (~5), low enough to keep the faint edges that set the garment's extent.
-FOREGROUND_THRESHOLD = 12
-# Side of the corner squares whose median is the background level: garments often touch the edges
-# of the frame (Fashion-MNIST's do), but rarely all four corners.
-CORNER_PIXELS = 3
 
 
 # JSON nesting: our contract needs 4 levels (envelope, rows, 28 rows of 28); Python's parser recurses once per
@@ -204,44 +197,9 @@ def _what_it_is(encoded: bytes) -> str:
     return "not an image in an accepted format"
 
 
-def _to_grey_on_black(image: Image.Image) -> np.ndarray:
-    """Greyscale float array where the background is ~0 and the garment is bright."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # A cut-out product is a product on a shop page's white background, the dataset's starting point.
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(white, rgba)
-    if image.mode.startswith("I") or image.mode == "F":  # 16/32-bit grey: Pillow's convert("L") clips
-        values = np.asarray(image, dtype=np.float32)
-        peak = UINT16_MAX if image.mode.startswith("I;16") else max(float(values.max()), PIXEL_MAX)
-        grey = values * (PIXEL_MAX / peak)
-    else:
-        grey = np.asarray(image.convert("L"), dtype=np.float32)
-    c = CORNER_PIXELS
-    corners = np.concatenate([grey[:c, :c], grey[:c, -c:], grey[-c:, :c], grey[-c:, -c:]], axis=None)
-    background = float(np.median(corners))
-    if background > PIXEL_MAX / 2:  # product shot on a light background: negate, as the dataset did
-        grey, background = PIXEL_MAX - grey, PIXEL_MAX - background
-    return np.clip(grey - background, 0, PIXEL_MAX)
-
-
 def image_to_array(image: Image.Image) -> np.ndarray:
-    """Any decoded image -> float32 (28, 28), 0-255, garment trimmed, scaled and centred."""
-    grey = _to_grey_on_black(image)
-    if grey.max() > 0:
-        grey = grey * (PIXEL_MAX / grey.max())  # stretch contrast: dataset garments reach full white
-    rows = np.flatnonzero((grey > FOREGROUND_THRESHOLD).any(axis=1))
-    cols = np.flatnonzero((grey > FOREGROUND_THRESHOLD).any(axis=0))
-    if rows.size and cols.size:
-        grey = grey[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    height, width = grey.shape
-    scale = IMAGE_SIZE / max(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    resized = Image.fromarray(grey.astype(np.uint8)).resize((new_w, new_h), Image.Resampling.LANCZOS)
-    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    top, left = (IMAGE_SIZE - new_h) // 2, (IMAGE_SIZE - new_w) // 2
-    canvas[top:top + new_h, left:left + new_w] = np.asarray(resized, dtype=np.float32)
-    return canvas
+    """Any decoded image -> float32 (28, 28), 0-255, garment trimmed, scaled and centred (see `photo`)."""
+    return photo.to_pixels(image)
 
 
 def png_base64(pixels: np.ndarray) -> str:

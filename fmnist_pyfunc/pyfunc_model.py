@@ -24,12 +24,11 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from fmnist_pyfunc import preprocessing
+from fmnist_pyfunc import inference, models, preprocessing
 from fmnist_pyfunc.config import CLASS_NAMES
-from fmnist_pyfunc.models import build, normalize
 
 WEIGHTS_ARTIFACT = "weights"        # state dict, torch.save format
-CONFIG_ARTIFACT = "model_config"    # JSON: arch, width, depth, dropout, tta
+CONFIG_ARTIFACT = "model_config"    # JSON: arch, width, depth, dropout, tta, temperature
 # `pixels` is AnyType: MLflow's Array(Array(double)) rejects integer pixels and checks every value in
 # Python (~250 ms for 256 images); our own checks in `preprocessing` are vectorised and say more.
 RETURN_SEEN_PARAM = "return_seen"  # off by default: 784 numbers more per row in every answer
@@ -41,25 +40,17 @@ SIGNATURE = ModelSignature(
 )
 
 
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively. There, bf16 autocast halves inference time (54 vs 101 ms
-    for 512 images on our 2-core CPU) and changes 6 of 10,000 test predictions (accuracy 93.81 % vs
-    93.80 % in fp32); elsewhere bf16 is emulated and slower, so fp32 is kept."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
-
-
 class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         with open(context.artifacts[CONFIG_ARTIFACT]) as f:
             self.config = json.load(f)
-        self.network = build(self.config["arch"], self.config["width"], self.config["depth"], self.config["dropout"])
+        arch = self.config["arch"]
+        self.network = models.build(arch, self.config["width"], self.config["depth"], self.config["dropout"])
         state = torch.load(context.artifacts[WEIGHTS_ARTIFACT], map_location="cpu", weights_only=True)
         self.network.load_state_dict(state)
-        # channels_last: oneDNN's fast convolution layout on CPU (~2x); a no-op for the MLP.
-        self.network.to(memory_format=torch.channels_last).eval()
-        self.bf16 = native_bf16()
+        self.network.to(memory_format=models.memory_format(arch)).eval()
+        self.bf16 = inference.serving_bf16()
+        self.temperature = self.config.get("temperature", 1.0)  # models logged before calibration have none
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """Classify each row; with params {"return_seen": true} also return `seen`, the 28x28 image (0-255)
@@ -86,14 +77,6 @@ class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
             answer["seen"] = [np.rint(image).astype(np.uint8).tolist() for image in batch]
         return answer
 
-    @torch.inference_mode()
     def predict_proba(self, batch: np.ndarray) -> np.ndarray:
-        """float32 (N, 28, 28) on the 0-255 scale -> (N, 10) class probabilities."""
-        x = normalize(batch)
-        if self.config["tta"]:
-            x = torch.cat([x, x.flip(3)])  # one forward pass for the image and its mirror
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.network(x).float()
-        if self.config["tta"]:
-            logits = (logits[: len(batch)] + logits[len(batch):]) / 2
-        return logits.softmax(1).numpy()
+        """float32 (N, 28, 28) on the 0-255 scale -> (N, 10) calibrated class probabilities."""
+        return inference.probabilities(self.network, batch, self.config["tta"], self.bf16, self.temperature)

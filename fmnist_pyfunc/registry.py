@@ -27,7 +27,7 @@ from mlflow.entities import ViewType
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from fmnist_pyfunc import data
+from fmnist_pyfunc import calibration, data, inference
 from fmnist_pyfunc.config import MODEL_URI_TAG, REGISTERED_MODEL_NAME, SELECTION_METRIC
 
 PRODUCTION = "Production"
@@ -36,7 +36,6 @@ STAGING = "Staging"
 CHAMPION_ALIAS = "champion"
 EXPORT_MODEL_DIR = "model"            # inside the export folder: the model folder the scoring server loads
 EXPORT_INFO_FILE = "model_info.json"  # beside the model: what the scoring server's /model says of it
-GATE_BATCH_ROWS = 1000  # rows per pyfunc call: the serving limit is 1024 rows per request
 # One promotion at a time. The lock is a registered model of its own: creating one is atomic in every
 # MLflow store (unique name), local SQLite and a shared tracking server alike.
 LOCK_MODEL_NAME = f"{REGISTERED_MODEL_NAME}.promotion-lock"
@@ -57,6 +56,8 @@ class Decision:
     challenger_accuracy: float | None = None
     champion_version: str | None = None
     champion_accuracy: float | None = None
+    challenger_ece: float | None = None    # expected calibration error (15 bins) on the same test set
+    champion_ece: float | None = None
 
     def summary(self) -> str:
         verdict = "PROMOTED to Production (alias champion)" if self.promoted else "NOT promoted"
@@ -90,15 +91,18 @@ def best_run(experiment: str | None = None, parent_run_id: str | None = None) ->
     return runs[0].info.run_id
 
 
-def heldout_accuracy(model_uri: str, dataset: data.FashionMNIST) -> float:
-    """Accuracy of a registered model on the 10k test set, through its pyfunc interface."""
+def heldout_scores(model_uri: str, dataset: data.FashionMNIST) -> tuple[float, float]:
+    """Accuracy and calibration error of a registered model on the 10k test set, through its pyfunc interface,
+    in the batches training's evaluation uses (so a run's test_accuracy is reproduced exactly)."""
     model = mlflow.pyfunc.load_model(model_uri)
-    predictions = []
-    for start in range(0, len(dataset.test_images), GATE_BATCH_ROWS):
-        chunk = dataset.test_images[start:start + GATE_BATCH_ROWS]
-        frame = pd.DataFrame({"pixels": list(chunk.astype(np.float32))})
-        predictions.append(model.predict(frame)["class_index"].to_numpy())
-    return float((np.concatenate(predictions) == dataset.test_labels).mean())
+    probabilities = []
+    for start in range(0, len(dataset.test_images), inference.BATCH_SIZE):
+        chunk = dataset.test_images[start:start + inference.BATCH_SIZE]
+        answer = model.predict(pd.DataFrame({"pixels": list(chunk.astype(np.float32))}))
+        probabilities.append(np.array(answer["probabilities"].tolist()))
+    probabilities = np.concatenate(probabilities)
+    return (float((probabilities.argmax(1) == dataset.test_labels).mean()),
+            calibration.expected_calibration_error(probabilities, dataset.test_labels))
 
 
 def register(run_id: str) -> str:
@@ -116,8 +120,9 @@ def register(run_id: str) -> str:
     # Versions are strings everywhere here: MLflow's SQL store gives ints, its REST client strings.
     version = str(mlflow.register_model(run.data.tags[MODEL_URI_TAG], REGISTERED_MODEL_NAME).version)
     metrics, tags = run.data.metrics, run.data.tags
+    test_accuracy, test_ece = (metrics.get(key, float("nan")) for key in ("test_accuracy", "test_ece"))
     for key, value in {"run_id": run_id, "val_accuracy": f"{metrics[SELECTION_METRIC]:.4f}",
-                       "test_accuracy": f"{metrics.get('test_accuracy', float('nan')):.4f}",
+                       "test_accuracy": f"{test_accuracy:.4f}", "test_ece": f"{test_ece:.4f}",
                        "git_commit": tags.get("git_commit", "unknown"),
                        "data_checksum": tags.get("data_checksum", "unknown")}.items():
         client.set_model_version_tag(REGISTERED_MODEL_NAME, version, key, value)
@@ -126,7 +131,8 @@ def register(run_id: str) -> str:
         REGISTERED_MODEL_NAME, version,
         description=(f"Fashion-MNIST classifier ({params.get('arch')}, width {params.get('width')}, depth "
                      f"{params.get('depth')}, {params.get('epochs')} epochs) from run {run_id}. Validation accuracy "
-                     f"{metrics[SELECTION_METRIC]:.4f}, test accuracy {metrics.get('test_accuracy', float('nan')):.4f}."
+                     f"{metrics[SELECTION_METRIC]:.4f}, test accuracy {test_accuracy:.4f}, test calibration error "
+                     f"(ECE, 15 bins) {test_ece:.4f} at temperature {metrics.get('temperature', 1.0):.3f}."
                      " Input: 28x28 pixels (0-255) or base64 PNG/JPEG; output: class index, name, probabilities."))
     return version
 
@@ -232,14 +238,16 @@ def _promote(run_id: str, dataset: data.FashionMNIST, force: bool) -> Decision:
         _crown(MlflowClient(), version)
         return Decision(version, promoted=False, reason=f"version {version} is already in {PRODUCTION}")
     uri = f"models:/{REGISTERED_MODEL_NAME}/{version}"
-    decision = Decision(version, promoted=True, reason="no model in Production yet",
-                        challenger_accuracy=heldout_accuracy(uri, dataset), champion_version=champion)
+    decision = Decision(version, promoted=True, reason="no model in Production yet", champion_version=champion)
+    decision.challenger_accuracy, decision.challenger_ece = heldout_scores(uri, dataset)
     if champion is not None:
-        decision.champion_accuracy = heldout_accuracy(f"models:/{REGISTERED_MODEL_NAME}/{champion}", dataset)
+        champion_uri = f"models:/{REGISTERED_MODEL_NAME}/{champion}"
+        decision.champion_accuracy, decision.champion_ece = heldout_scores(champion_uri, dataset)
         beats = decision.challenger_accuracy > decision.champion_accuracy
         decision.promoted = beats or force
-        comparison = (f"challenger v{version} {decision.challenger_accuracy:.4f} vs champion v{champion} "
-                      f"{decision.champion_accuracy:.4f} on the 10k test set")
+        comparison = (f"challenger v{version} accuracy {decision.challenger_accuracy:.4f} (ECE "
+                      f"{decision.challenger_ece:.4f}) vs champion v{champion} {decision.champion_accuracy:.4f} "
+                      f"(ECE {decision.champion_ece:.4f}) on the 10k test set")
         decision.reason = f"{comparison}: {'better' if beats else 'not better'}" + (", forced" if force else "")
     client = MlflowClient()
     client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "promotion_decision",
@@ -256,7 +264,7 @@ def version_info(model_version: ModelVersion) -> dict:
             "alias": CHAMPION_ALIAS if CHAMPION_ALIAS in model_version.aliases else None,
             "aliases": list(model_version.aliases),
             "run_id": model_version.run_id, "description": model_version.description,
-            "metrics": {k: metrics[k] for k in ("test_accuracy", SELECTION_METRIC) if k in metrics}}
+            "metrics": {k: metrics[k] for k in ("test_accuracy", "test_ece", SELECTION_METRIC) if k in metrics}}
 
 
 def _drop_absolute_paths(mlmodel: Path) -> None:
@@ -296,5 +304,6 @@ def log_decision(decision: Decision) -> None:
     mlflow.set_tags({"promotion.version": decision.version, "promotion.promoted": str(decision.promoted).lower(),
                      "promotion.reason": decision.reason})
     scores = {"challenger_test_accuracy": decision.challenger_accuracy,
-              "champion_test_accuracy": decision.champion_accuracy}
+              "champion_test_accuracy": decision.champion_accuracy,
+              "challenger_test_ece": decision.challenger_ece, "champion_test_ece": decision.champion_ece}
     mlflow.log_metrics({k: v for k, v in scores.items() if v is not None})

@@ -1,4 +1,5 @@
-"""Evaluation artifacts: confusion matrix, misclassified examples, per-class scores, learning curves."""
+"""Evaluation artifacts: confusion matrix, misclassified examples, per-class scores, learning curves,
+reliability diagram."""
 
 from __future__ import annotations
 
@@ -76,6 +77,24 @@ def plot_learning_curves(history: list[dict]):
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_reliability(tables: dict[str, list[dict]]):
+    """Accuracy against confidence per bin (`calibration.reliability` tables, one per label): a calibrated
+    model's bars sit on the diagonal."""
+    fig, axes = plt.subplots(1, len(tables), figsize=(5 * len(tables), 4.5), dpi=FIGURE_DPI, squeeze=False)
+    for ax, (label, table) in zip(axes[0], tables.items(), strict=True):
+        filled = [row for row in table if row["count"]]
+        width = table[0]["high"] - table[0]["low"]
+        ax.bar([row["low"] for row in filled], [row["accuracy"] for row in filled], width=width, align="edge",
+               edgecolor="black", alpha=0.7, label="accuracy")
+        ax.plot([row["confidence"] for row in filled], [row["accuracy"] for row in filled], "o", color="C3",
+                label="mean confidence")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top class)", ylabel="accuracy", title=label)
+        ax.legend(loc="upper left")
     fig.tight_layout()
     return fig
 

@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from fmnist_pyfunc import data, models, preprocessing, reporting, training
+from fmnist_pyfunc import calibration, data, inference, models, preprocessing, reporting, training
 from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
@@ -50,7 +50,8 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.Fash
         weights, config = Path(tmp, "weights.pt"), Path(tmp, "model_config.json")
         state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
         torch.save(state, weights)
-        config.write_text(json.dumps({k: cfg[k] for k in ("arch", "width", "depth", "dropout", "tta")}))
+        config.write_text(json.dumps({**{k: cfg[k] for k in ("arch", "width", "depth", "dropout", "tta")},
+                                      "temperature": result.temperature}))
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PACKAGE_DIR / "model_code.py"),
@@ -65,13 +66,23 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.Fash
 
 
 def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST) -> float:
-    """Evaluate once on the 10k test set; log the metric and the report artifacts."""
-    labels = torch.from_numpy(dataset.test_labels)
-    test = training.evaluate(result.model, models.normalize(dataset.test_images), labels, cfg["tta"])
-    probabilities = test["probabilities"].numpy()
+    """Evaluate once on the 10k test set exactly as the served model will (on the CPU, through
+    `inference`); log the metrics, calibration before/after and the report artifacts."""
+    network = result.model.to("cpu")
+    logits = inference.logits(network, dataset.test_images, cfg["tta"], inference.serving_bf16())
+    raw = training.scores(logits, dataset.test_labels)
+    test = training.scores(logits, dataset.test_labels, result.temperature)
+    probabilities = test["probabilities"]
     predictions, confidence = probabilities.argmax(1), probabilities.max(1)
     matrix = reporting.confusion_matrix(dataset.test_labels, predictions)
-    mlflow.log_metrics({"test_accuracy": test["accuracy"], "test_loss": test["loss"]})
+    mlflow.log_metrics({"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_ece": test["ece"],
+                        "test_ece_raw": raw["ece"], "temperature": result.temperature,
+                        "val_ece": result.val_ece, "val_ece_raw": result.val_ece_raw})
+    tables = {f"test, raw (ECE {raw['ece']:.2%})": calibration.reliability(raw["probabilities"], dataset.test_labels),
+              f"test, T = {result.temperature:.3f} (ECE {test['ece']:.2%})":
+                  calibration.reliability(probabilities, dataset.test_labels)}
+    mlflow.log_dict(dict(zip(("raw", "calibrated"), tables.values(), strict=True)), "evaluation/reliability.json")
+    mlflow.log_figure(reporting.plot_reliability(tables), "evaluation/reliability.png")
     mlflow.log_dict(reporting.per_class_scores(matrix), "evaluation/per_class_metrics.json")
     mlflow.log_figure(reporting.plot_confusion_matrix(matrix), "evaluation/confusion_matrix.png")
     mlflow.log_figure(reporting.plot_misclassified(dataset.test_images, dataset.test_labels, predictions, confidence),

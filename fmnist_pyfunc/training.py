@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fmnist_pyfunc import augment, data, models
+from fmnist_pyfunc import augment, calibration, data, inference, models
 
 MOMENTUM = 0.9           # SGD Nesterov momentum; the usual value, not worth searching
 WARMUP_FRACTION = 0.25   # share of steps spent raising the LR in the one-cycle schedule
-EVAL_BATCH_SIZE = 2000   # inference batch: bounded memory, few Python round trips
+MIN_STEPS = int(1 / WARMUP_FRACTION) + 1  # fewer leaves the schedule's warm-up or decay without a step
 
 
 @dataclass
@@ -32,6 +32,10 @@ class TrainResult:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     train_seconds: float = 0.0
+    bf16: bool = False          # trained (and evaluated) under bf16 autocast
+    temperature: float = 1.0    # fitted on the validation split after training: divides the logits
+    val_ece_raw: float = 0.0    # validation ECE before and after dividing by the temperature
+    val_ece: float = 0.0
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,39 +53,14 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _memory_format(arch: str) -> torch.memory_format:
-    # channels_last weights make oneDNN (CPU) and cuDNN convolutions ~2x faster; irrelevant for the MLP.
-    # Inputs need no conversion: with one channel, NCHW and NHWC are the same memory layout.
-    return torch.channels_last if arch == "cnn" else torch.contiguous_format
-
-
-def _autocast(device: torch.device):
-    # bf16 autocast pays off on CUDA tensor cores; on CPU it is slower for convs this small.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, tta: bool) -> torch.Tensor:
-    """Logits for normalised images (N, 1, 28, 28), averaged with the mirror image if `tta`."""
-    model.eval()
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(images), EVAL_BATCH_SIZE):
-        batch = images[start:start + EVAL_BATCH_SIZE].to(device)
-        with _autocast(device):
-            logits = model(batch).float()
-            if tta:
-                logits = (logits + model(batch.flip(3)).float()) / 2
-        outputs.append(logits)
-    return torch.cat(outputs).cpu()
-
-
-def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, tta: bool) -> dict:
-    logits = predict_logits(model, images, tta)
+def scores(logits: torch.Tensor, labels: np.ndarray, temperature: float = 1.0) -> dict:
+    """Loss, accuracy, ECE and the probabilities the served model would give, from `inference.logits`."""
+    probabilities = inference.calibrated(logits, temperature)
     return {
-        "loss": F.cross_entropy(logits, labels).item(),
-        "accuracy": (logits.argmax(1) == labels).float().mean().item(),
-        "probabilities": logits.softmax(1),
+        "loss": F.cross_entropy(logits / temperature, torch.from_numpy(labels).long()).item(),
+        "accuracy": float((probabilities.argmax(1) == labels).mean()),
+        "ece": calibration.expected_calibration_error(probabilities, labels),
+        "probabilities": probabilities,
     }
 
 
@@ -90,25 +69,30 @@ def train(cfg: dict, dataset: data.FashionMNIST,
     """Train on the stratified training split; select the epoch with the best validation accuracy."""
     generator = seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick the fastest kernels
     train_idx, val_idx = data.stratified_split(dataset.train_labels, cfg["val_size"], cfg["seed"])
     if cfg["max_train_samples"]:
         train_idx = train_idx[: cfg["max_train_samples"]]
     x_train = models.normalize(dataset.train_images[train_idx]).to(device)
     y_train = torch.from_numpy(dataset.train_labels[train_idx]).to(device)
-    x_val = models.normalize(dataset.train_images[val_idx])
-    y_val = torch.from_numpy(dataset.train_labels[val_idx])
+    x_val, y_val = dataset.train_images[val_idx], dataset.train_labels[val_idx]
+    bf16 = inference.use_bf16(cfg["precision"], device)
 
-    fmt = _memory_format(cfg["arch"])
+    fmt = models.memory_format(cfg["arch"])
     model = models.build(cfg["arch"], cfg["width"], cfg["depth"], cfg["dropout"]).to(device, memory_format=fmt)
     batch_size = min(cfg["batch_size"], len(x_train))
     steps_per_epoch = len(x_train) // batch_size  # drop the ragged last batch: BatchNorm needs >1 sample
+    if cfg["epochs"] * steps_per_epoch < MIN_STEPS:
+        raise ValueError(f"{cfg['epochs']} epoch(s) of {steps_per_epoch} batch(es) of {batch_size} are fewer than "
+                         f"the {MIN_STEPS} steps the one-cycle schedule needs: raise epochs or the training samples, "
+                         "or lower batch_size")
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=MOMENTUM, nesterov=True,
                                 weight_decay=cfg["weight_decay"])
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], pct_start=WARMUP_FRACTION,
                                                    total_steps=cfg["epochs"] * steps_per_epoch)
     aug_generator = torch.Generator(device=device).manual_seed(cfg["seed"])
 
-    result = TrainResult(model=model, device=device)
+    result = TrainResult(model=model, device=device, bf16=bf16)
     best_state, epochs_without_gain = None, 0
     start = time.perf_counter()
     bar = tqdm(range(cfg["epochs"]), desc="train", unit="epoch", disable=not progress)
@@ -120,7 +104,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             inputs = augment.augment(x_train[idx], cfg["augment"], aug_generator)
-            with _autocast(device):
+            with inference.autocast(device, bf16):
                 logits = model(inputs)
                 loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=cfg["label_smoothing"])
             optimizer.zero_grad(set_to_none=True)
@@ -130,7 +114,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y_train[idx]).sum()
 
-        val = evaluate(model, x_val, y_val, cfg["tta"])
+        val = scores(inference.logits(model, x_val, cfg["tta"], bf16), y_val)
         metrics = {
             "train_loss": loss_sum.item() / steps_per_epoch,
             "train_accuracy": correct.item() / (steps_per_epoch * batch_size),
@@ -154,4 +138,8 @@ def train(cfg: dict, dataset: data.FashionMNIST,
 
     model.load_state_dict(best_state)
     model.eval()
+    val_logits = inference.logits(model, x_val, cfg["tta"], bf16)
+    result.temperature = calibration.fit_temperature(val_logits, torch.from_numpy(y_val))
+    result.val_ece_raw = scores(val_logits, y_val)["ece"]
+    result.val_ece = scores(val_logits, y_val, result.temperature)["ece"]
     return result

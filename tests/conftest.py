@@ -96,6 +96,16 @@ def upscaled(pixels: np.ndarray, size: int = 300) -> Image.Image:
     return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
 
 
+MAX_SHIFT = 2  # re-centring a trimmed garment may move it by a pixel or two; that is not a difference
+
+
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pixel correlation of two 28x28 images, at the best alignment within +-MAX_SHIFT pixels."""
+    shifts = range(-MAX_SHIFT, MAX_SHIFT + 1)
+    return max(float(np.corrcoef(np.roll(a, (dy, dx), axis=(0, 1)).ravel(), b.ravel())[0, 1])
+               for dy in shifts for dx in shifts)
+
+
 def exif_rotated_jpeg(pixels: np.ndarray) -> str:
     """Stored turned 90 degrees anticlockwise, with the EXIF orientation (6) that says "turn clockwise to view"."""
     exif = Image.Exif()

@@ -49,8 +49,9 @@ def test_conda_env_pins_the_same_packages_as_pyproject():
     assert sorted(pip_deps) == sorted(project["dependencies"] + project["optional-dependencies"]["train"])
 
 
-@pytest.mark.parametrize("bad", [{"epochs": -1}, {"arch": "resnet"}, {"batch_size": 0}, {"lr": 0.0},
-                                 {"depth": 9}, {"dropout": 1.0}, {"augment": "mixup"}, {"colour": 1}])
+@pytest.mark.parametrize("bad", [{"epochs": -1}, {"arch": "vgg"}, {"batch_size": 0}, {"lr": 0.0},
+                                 {"depth": 9}, {"dropout": 1.0}, {"augment": "mixup"}, {"colour": 1},
+                                 {"precision": "fp16"}])
 def test_validate_rejects_bad_values_with_their_name(bad):
     """Each out-of-range or unknown training parameter is refused with a message naming it."""
     with pytest.raises(ValueError) as err:

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from fmnist_pyfunc import models
+from fmnist_pyfunc import config, models
 
 
-@pytest.mark.parametrize("arch, width, depth", [("cnn", 8, 1), ("cnn", 8, 2), ("cnn", 32, 3), ("cnn", 4, 4),
+@pytest.mark.parametrize("arch, width, depth", [("resnet", 8, 1), ("resnet", 8, 2), ("resnet", 32, 3), ("resnet", 4, 4),
+                                                ("cnn", 8, 1), ("cnn", 8, 2), ("cnn", 32, 3), ("cnn", 4, 4),
                                                 ("mlp", 64, 1), ("mlp", 128, 3)])
 def test_output_shape(arch, width, depth):
     """Every architecture, width and depth maps (N, 1, 28, 28) to (N, 10) logits."""
@@ -14,9 +15,20 @@ def test_output_shape(arch, width, depth):
     assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
 
 
-def test_default_cnn_is_small():
-    """The default network stays a small CNN (~100k parameters) so that it trains in minutes on a CPU."""
-    assert 50_000 < models.count_parameters(models.build("cnn", 32, 3, 0.1)) < 200_000
+def test_default_network_is_small():
+    """The default network stays a small CNN (~300k parameters) so that it trains in minutes on a CPU."""
+    cfg = config.TRAIN_DEFAULTS
+    network = models.build(cfg["arch"], cfg["width"], cfg["depth"], cfg["dropout"])
+    assert 100_000 < models.count_parameters(network) < 500_000
+
+
+def test_networks_registered_before_keep_their_layout():
+    """The plain CNN's state-dict layout is unchanged, so registered versions trained with it still load (the
+    promotion gate scores the current champion with today's code)."""
+    state = models.build("cnn", 32, 3, 0.1).state_dict()
+    assert [(k, tuple(v.shape)) for k, v in state.items() if k.endswith("weight")] == [
+        ("0.weight", (32, 1, 3, 3)), ("1.weight", (32,)), ("4.weight", (64, 32, 3, 3)), ("5.weight", (64,)),
+        ("8.weight", (128, 64, 3, 3)), ("9.weight", (128,)), ("14.weight", (10, 1152))]
 
 
 def test_width_scales_capacity():

@@ -6,20 +6,11 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import encode, exif_rotated_jpeg, upscaled
+from conftest import correlation, encode, exif_rotated_jpeg, upscaled
 from PIL import Image, ImageFile
 
 from fmnist_pyfunc import preprocessing as pre
 from fmnist_pyfunc.preprocessing import png_base64
-
-MAX_SHIFT = 2  # re-centring a trimmed garment may move it by a pixel or two; that is not a difference
-
-
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pixel correlation of two 28x28 images, at the best alignment within +-MAX_SHIFT pixels."""
-    shifts = range(-MAX_SHIFT, MAX_SHIFT + 1)
-    return max(float(np.corrcoef(np.roll(a, (dy, dx), axis=(0, 1)).ravel(), b.ravel())[0, 1])
-               for dy in shifts for dx in shifts)
 
 
 def _batch(**columns) -> np.ndarray:
@@ -39,7 +30,7 @@ def test_png_of_a_dataset_image_reproduces_it(dataset):
     by a pixel or two, stay close."""
     images = dataset.test_images[:100]
     batch = _batch(image=[png_base64(image) for image in images])
-    scores = np.array([_correlation(out, image) for out, image in zip(batch, images, strict=True)])
+    scores = np.array([correlation(out, image) for out, image in zip(batch, images, strict=True)])
     assert (scores > 0.95).mean() >= 0.9 and scores.min() > 0.75
 
 
@@ -59,6 +50,7 @@ def test_photos_as_people_upload_them_look_like_the_dataset(dataset, variant):
         dark = 255 - original  # the product's real tones: dataset pixels are negated photo pixels
         rgba = np.dstack([dark, dark, dark, np.where(original > 0, 255, 0)]).astype(np.uint8)
         encoded = encode(upscaled(rgba))
+        original = np.where(original > 0, dark, 0)  # a light product: placed on black, where it has contrast
     elif variant == "off_centre_small":
         canvas = np.full((200, 300), 255, np.uint8)
         canvas[20:76, 200:256] = 255 - np.asarray(Image.fromarray(original).resize((56, 56)))
@@ -67,7 +59,19 @@ def test_photos_as_people_upload_them_look_like_the_dataset(dataset, variant):
         encoded = encode(upscaled(original).convert("P"))
     else:
         encoded = encode(Image.fromarray(original.astype(np.uint16) * 257))
-    assert _correlation(_batch(image=[encoded])[0], original) > 0.8, variant
+    assert correlation(_batch(image=[encoded])[0], original) > 0.8, variant
+
+
+@pytest.mark.parametrize("tone", ["light", "dark"])
+def test_cutouts_are_placed_where_the_garment_has_contrast(dataset, tone):
+    """A transparent cut-out comes out as a bright garment on black whatever its own tone: a light one placed
+    on black, a dark one on white and negated (a light one on white lost its contrast)."""
+    original = dataset.test_images[1]  # a dataset pullover: mostly bright
+    grey = original if tone == "light" else 255 - original
+    rgba = np.dstack([grey, grey, grey, np.where(original > 0, 255, 0)]).astype(np.uint8)
+    seen = _batch(image=[encode(upscaled(rgba))])[0]
+    garment = np.asarray(Image.fromarray(original).resize((28, 28))) > 0
+    assert seen[garment].mean() > 100 and seen[~garment].mean() < 30
 
 
 def test_mixed_batch_of_pixels_and_images(dataset):
@@ -89,7 +93,7 @@ def test_exif_rotation_is_applied(dataset):
     """A JPEG stored sideways with an EXIF orientation is turned upright before classification."""
     original = dataset.test_images[3]
     encoded = exif_rotated_jpeg(original)
-    assert _correlation(_batch(image=[encoded])[0], original) > 0.9
+    assert correlation(_batch(image=[encoded])[0], original) > 0.9
 
 
 def _tiff_base64() -> str:
@@ -180,7 +184,7 @@ def test_a_phone_sized_jpeg_costs_and_decodes_at_a_fraction(dataset):
     rows = pre.open_rows(pd.DataFrame({"image": [photo]}))
     assert rows[0].size == (1000, 750) and pre.decoded_pixels(rows) == 1000 * 750
     full = _batch(image=[encode(Image.fromarray(255 - dataset.test_images[0]).resize((400, 300)), "JPEG")])
-    assert _correlation(pre.decode_rows(rows, time.monotonic() + 10)[0], full[0]) > 0.95
+    assert correlation(pre.decode_rows(rows, time.monotonic() + 10)[0], full[0]) > 0.95
 
 
 def test_decoding_stops_at_the_deadline(dataset):

@@ -22,7 +22,7 @@ def test_run_logs_params_provenance_metrics_and_artifacts(trained_run):
     client = mlflow.MlflowClient()
     assert trained_run.info.status == "FINISHED"
     params, metrics, tags = trained_run.data.params, trained_run.data.metrics, trained_run.data.tags
-    assert params["epochs"] == "2" and params["arch"] == "cnn" and params["resolved_device"] == "cpu"
+    assert params["epochs"] == "2" and params["arch"] == "resnet" and params["resolved_device"] == "cpu"
     assert len(tags["data_checksum"]) == 64 and tags["git_commit"]
     for key in ("test_accuracy", "best_val_accuracy", "train_seconds", "num_parameters", "val_loss", "train_loss"):
         assert key in metrics, key
@@ -30,8 +30,26 @@ def test_run_logs_params_provenance_metrics_and_artifacts(trained_run):
     history = client.get_metric_history(trained_run.info.run_id, "val_accuracy")
     assert [m.step for m in history] == [0, 1]
     artifacts = {a.path for a in client.list_artifacts(trained_run.info.run_id, "evaluation")}
-    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png",
+    assert {"evaluation/confusion_matrix.png", "evaluation/misclassified.png", "evaluation/reliability.png",
             "evaluation/per_class_metrics.json", "evaluation/learning_curves.png"} <= artifacts
+
+
+def test_logged_test_scores_are_what_the_served_model_scores(trained_run, dataset):
+    """The run's test_accuracy is exactly the accuracy of its logged pyfunc model on the test set, and its
+    test_ece that model's calibration error: training's evaluation and serving are one inference path."""
+    from fmnist_pyfunc import registry
+
+    accuracy, ece = registry.heldout_scores(_model_uri(trained_run), dataset)
+    assert accuracy == trained_run.data.metrics["test_accuracy"]
+    assert ece == pytest.approx(trained_run.data.metrics["test_ece"], abs=1e-6)
+
+
+def test_served_probabilities_are_calibrated_on_validation(trained_run):
+    """A temperature fitted on the validation split is stored with the model and lowers the calibration error
+    (15 bins) on validation and on the test set, which it never saw."""
+    metrics = trained_run.data.metrics
+    assert metrics["temperature"] != 1.0
+    assert metrics["val_ece"] < metrics["val_ece_raw"] and metrics["test_ece"] < metrics["test_ece_raw"]
 
 
 def _model_uri(run) -> str:
@@ -87,7 +105,7 @@ def test_bad_input_is_an_mlflow_invalid_parameter_error(trained_run):
     assert err.value.get_http_status_code() == 400 and "shape" in err.value.message
 
 
-@pytest.mark.parametrize("args, message", [(["--epochs", "-1"], "epochs"), (["--arch", "resnet"], "arch"),
+@pytest.mark.parametrize("args, message", [(["--epochs", "-1"], "epochs"), (["--arch", "vgg"], "arch"),
                                             (["--batch-size", "0"], "batch_size")])
 def test_bad_parameters_fail_fast_without_creating_a_run(tracking_uri, tmp_path, args, message):
     """Bad training parameters exit with code 2 and the reason, before any run is created."""

@@ -117,6 +117,9 @@ async function refreshStatus() {
       if (m.metrics && m.metrics.test_accuracy) {
         details.push(`test accuracy ${(100 * m.metrics.test_accuracy).toFixed(2)} %`);
       }
+      if (m.metrics && m.metrics.test_ece !== undefined) {  // how far shown percentages are from the truth
+        details.push(`calibration error ${(100 * m.metrics.test_ece).toFixed(1)} %`);
+      }
       headerVersion = m.version || null;
       info.textContent = `model: ${modelLabel(m)}${details.length ? ` (${details.join(", ")})` : ""}`;
     } else { info.textContent = `model: ${m.message}`; }

@@ -1,0 +1,43 @@
+"""The number format follows the hardware, training runs in either format, and the GPU benchmark's path works
+on a CPU with a tiny budget (no test needs a GPU)."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import REPO
+
+from fmnist_pyfunc import config, inference, training
+
+TINY = {"epochs": 1, "max_train_samples": 2048, "width": 8, "val_size": 500}
+
+
+def test_precision_resolves_per_device():
+    """fp32 and bf16 are what they say; auto is bf16 exactly where the device computes it natively."""
+    cpu = torch.device("cpu")
+    assert not inference.use_bf16("fp32", cpu) and inference.use_bf16("bf16", cpu)
+    assert inference.use_bf16("auto", cpu) == inference.native_bf16(cpu)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_runs_in_either_precision(dataset, precision):
+    """A tiny training run in fp32 and under bf16 autocast learns (far above chance) and says which it used."""
+    result = training.train(config.validate({**TINY, "precision": precision}), dataset, progress=False)
+    assert result.bf16 == (precision == "bf16")
+    assert result.best_val_accuracy > 0.4 and 0.05 < result.temperature < 20
+
+
+def test_gpu_benchmark_runs_on_cpu_with_a_tiny_budget():
+    """benchmarks/gpu_train.py's recipe trains, evaluates and reports on a CPU when told to."""
+    spec = importlib.util.spec_from_file_location("gpu_train", REPO / "benchmarks" / "gpu_train.py")
+    gpu_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_train)
+    summary = gpu_train.main(["--device", "cpu", "--epochs", "1", "--max-train-samples", "2048", "--width", "8",
+                           "--batch-size", "256", "--lr", "0.1"])
+    assert len(summary["epoch_seconds"]) == 1 and 0.3 < summary["test_accuracy"] <= 1.0
+
+
+def test_too_few_steps_is_a_clear_error(dataset):
+    """A budget too small for the one-cycle schedule is refused with what to change, not a ZeroDivisionError."""
+    with pytest.raises(ValueError, match="raise epochs"):
+        training.train(config.validate({**TINY, "max_train_samples": 512}), dataset, progress=False)
