@@ -11,7 +11,7 @@ from fmnist_pyfunc import config, registry, tracking
 pytestmark = pytest.mark.e2e
 NAME = config.REGISTERED_MODEL_NAME
 # Two real but cheap models of clearly different quality (~15 s together on 2 cores).
-WEAK = {"epochs": 1, "max_train_samples": 600, "width": 4, "val_size": 1000, "lr": 0.01}
+WEAK = {"epochs": 1, "max_train_samples": 1280, "width": 4, "val_size": 1000, "lr": 0.01}
 STRONG = {"epochs": 2, "max_train_samples": 6000, "width": 16, "val_size": 1000}
 
 
