@@ -76,8 +76,8 @@ def picture(images: np.ndarray, labels: np.ndarray, seen: dict, predictions: dic
             canvas.paste(Image.fromarray(seen[kind][row]).resize((TILE, TILE), Image.Resampling.NEAREST),
                          ((2 * k + 1) * TILE, top))
             answer = config.CLASS_NAMES[predictions[kind][row]]
-            mark = "ok" if predictions[kind][row] == labels[row] else f"wrong ({config.CLASS_NAMES[labels[row]]})"
-            draw.text((2 * k * TILE + 2, top + TILE), f"{kind}: {answer} {mark}", fill=0)
+            mark = "right" if predictions[kind][row] == labels[row] else f"wrong, is {config.CLASS_NAMES[labels[row]]}"
+            draw.text((2 * k * TILE + 2, top + TILE), f"{kind} -> {answer} ({mark})", fill=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
 
