@@ -78,6 +78,13 @@ def _corners(grey: np.ndarray, band: int) -> tuple[np.ndarray, float]:
     return medians, max(MIN_SIGMA, MAD_TO_SIGMA * float(np.median(spread)))
 
 
+def _bilinear(corners: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """The surface through the four corner values (top-left, top-right, bottom-left, bottom-right) at
+    normalised coordinates (-1..1)."""
+    (tl, tr, bl, br), x, y = corners, (xs + 1) / 2, (ys + 1) / 2
+    return tl * (1 - x) * (1 - y) + tr * x * (1 - y) + bl * (1 - x) * y + br * x * y
+
+
 def _border_samples(height: int, width: int, band: int) -> tuple[np.ndarray, np.ndarray]:
     """Row and column indices of about MAX_FIT_SAMPLES pixels spread evenly over the frame's border band."""
     step = max(1, -(-2 * band * (height + width) // MAX_FIT_SAMPLES))
@@ -102,8 +109,7 @@ def fit_surface(grey: np.ndarray) -> tuple[np.ndarray, float]:
     ys, xs = ys / max(height - 1, 1) * 2 - 1, xs / max(width - 1, 1) * 2 - 1
     design = np.stack(_terms(ys, xs), axis=1).astype(np.float64)
     medians, sigma = _corners(grey, band)
-    (tl, tr, bl, br), x, y = medians, (xs + 1) / 2, (ys + 1) / 2
-    surface_at_border = tl * (1 - x) * (1 - y) + tr * x * (1 - y) + bl * (1 - x) * y + br * x * y
+    surface_at_border = _bilinear(medians, ys, xs)
     coefficients = None
     for _ in range(FIT_ROUNDS):
         inliers = np.abs(values - surface_at_border) <= OUTLIER_SIGMAS * sigma + CURVE_SLACK * medians.max()
@@ -116,8 +122,7 @@ def fit_surface(grey: np.ndarray) -> tuple[np.ndarray, float]:
     grid_y = np.linspace(-1, 1, height, dtype=np.float32)[:, None]
     grid_x = np.linspace(-1, 1, width, dtype=np.float32)[None, :]
     if coefficients is None:  # too little of the border is background: the corners' plane
-        x, y = (grid_x + 1) / 2, (grid_y + 1) / 2
-        return tl * (1 - x) * (1 - y) + tr * x * (1 - y) + bl * (1 - x) * y + br * x * y, sigma
+        return _bilinear(medians, grid_y, grid_x), sigma
     return sum(c * t for c, t in zip(coefficients.astype(np.float32), _terms(grid_y, grid_x), strict=True)), sigma
 
 
