@@ -102,3 +102,14 @@ def test_augment_keeps_shape_and_content(dataset):
     assert moved >= 48  # 24 of the 25 offsets in [-2, 2]^2 move the image: about 61 of 64
     # A shift moves pixels but never invents brightness beyond the original's.
     assert shifted.max() <= images.max() + 1e-6 and shifted.min() >= augment.NORMALISED_BLACK - 1e-6
+
+
+def test_photo_augment_warps_its_share_of_the_batch_and_keeps_the_rest(dataset):
+    """'photo' tilts, rescales, shifts (and shadows) about PHOTO_SHARE of a batch and only mirrors the rest;
+    the background stays black (the warp brings in black, never anything darker)."""
+    images = models.normalize(dataset.train_images[:1000])
+    out = augment.augment(images, "photo", torch.Generator().manual_seed(0))
+    kept = sum(torch.equal(result, original) or torch.equal(result, original.flip(2))
+               for original, result in zip(images, out, strict=True))
+    assert abs((1000 - kept) / 1000 - augment.PHOTO_SHARE) < 0.05
+    assert out.shape == images.shape and out.min() >= augment.NORMALISED_BLACK - 1e-5

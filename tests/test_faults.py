@@ -141,7 +141,7 @@ def test_two_waiters_that_saw_the_same_stale_lock_take_it_over_once(private_stor
 
 @pytest.mark.parametrize("entry_point, params, words", [
     ("train", {"epochs": "-1"}, "epochs"),
-    ("train", {"arch": "resnet"}, "arch"),
+    ("train", {"arch": "vgg"}, "arch"),
     ("train", {"batch_size": "0"}, "batch_size"),
     ("sweep", {"n_trials": "-2"}, "--n-trials"),
     ("sweep", {"preset": "huge"}, "invalid choice"),
