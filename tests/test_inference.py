@@ -9,7 +9,7 @@ from conftest import REPO
 
 from fmnist_pyfunc import config, inference, training
 
-TINY = {"epochs": 1, "max_train_samples": 2048, "width": 8, "val_size": 500}
+TINY = {"epochs": 2, "max_train_samples": 2048, "width": 8, "val_size": 500, "lr": 0.1, "augment": "flip"}
 
 
 def test_precision_resolves_per_device():
