@@ -104,18 +104,18 @@ def make_objective(preset: Preset, dataset: data.FashionMNIST, parent_run_id: st
         slot = budget.claim(trial)  # several workers: the budget is exact, not per worker
         cfg = config.validate({**base, **suggest(trial, preset)})
 
+        def started(run_id: str) -> None:  # at once: a worker killed in the first epoch leaves a findable run
+            trial.set_user_attr("mlflow_run_id", run_id)
+            mlflow.set_tags({"optuna.study": trial.study.study_name, "optuna.trial": trial.number})
+
         def report(epoch: int, metrics: dict) -> None:
-            if "mlflow_run_id" not in trial.user_attrs:
-                run_id = mlflow.active_run().info.run_id
-                trial.set_user_attr("mlflow_run_id", run_id)
-                mlflow.set_tags({"optuna.study": trial.study.study_name, "optuna.trial": trial.number})
             trial.report(metrics["val_accuracy"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val_accuracy {metrics['val_accuracy']:.4f} < median at epoch {epoch}")
 
         try:
             run_id = tracking.run_training(cfg, dataset, parent_run_id=parent_run_id, on_epoch=report,
-                                           progress=False, run_name=f"trial-{trial.number}")
+                                           progress=False, run_name=f"trial-{trial.number}", on_start=started)
         except optuna.TrialPruned:
             run_id = trial.user_attrs.get("mlflow_run_id")
             if run_id:

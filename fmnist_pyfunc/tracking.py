@@ -94,12 +94,14 @@ def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.Fashio
 
 def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | None = None,
                  on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
-                 run_name: str | None = None) -> str:
+                 run_name: str | None = None, on_start: Callable[[str], None] | None = None) -> str:
     """Train with `cfg` inside an MLflow run (a child of `parent_run_id` if given); return the run id.
 
     An exception (a pruned or failed trial, Ctrl-C) leaves the run marked FAILED/KILLED, never FINISHED.
     """
     with mlflow.start_run(run_name=run_name, parent_run_id=parent_run_id, nested=parent_run_id is not None) as run:
+        if on_start is not None:
+            on_start(run.info.run_id)
         device = training.resolve_device(cfg["device"])
         # Under `mlflow run` the project has logged the -P values already, as typed ("1e-1", "true").
         logged = run.data.params
