@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from fmnist_pyfunc import config, data, inference, training
+from fmnist_pyfunc import config, data, training
 
 # A larger batch keeps an H100 busy (the default 256 leaves it launch-bound); the peak LR grows with it.
 GPU_SETTINGS = {"batch_size": 1024, "lr": 0.4, "epochs": 24, "width": 64}
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"epoch {epoch + 1:3d}  {elapsed[-1]:7.1f} s  val {metrics['val_accuracy']:.4f}", flush=True)
 
     result = training.train(cfg, dataset, on_epoch=on_epoch, progress=False)
-    logits = inference.logits(result.model, dataset.test_images, cfg["tta"], result.bf16)
-    test = training.scores(logits, dataset.test_labels, result.temperature)
+    _, test = training.test_scores(result, dataset, cfg["tta"])
     verdict = "target met" if test["accuracy"] >= args.target else "target missed"
     print(f"test accuracy {test['accuracy']:.4f} after {result.train_seconds:.1f} s of training "
           f"({cfg['epochs']} epochs, {len(elapsed)} run): {verdict} ({args.target:.1%})")

@@ -109,9 +109,7 @@ def _train(ds: data.FashionMNIST, cfg: dict) -> dict:
     """One `train` as the entry point runs it (without MLflow): time, validation and test scores."""
     start = time.perf_counter()
     result = training.train(config.validate(cfg), ds, progress=False)
-    tta = config.validate(cfg)["tta"]
-    logits = inference.logits(result.model.to("cpu"), ds.test_images, tta, inference.serving_bf16())
-    raw, test = training.scores(logits, ds.test_labels), training.scores(logits, ds.test_labels, result.temperature)
+    raw, test = training.test_scores(result, ds, config.validate(cfg)["tta"])
     return {"seconds": time.perf_counter() - start, "epoch_s": result.train_seconds / len(result.history),
             "val_acc": result.history[-1]["val_accuracy"], "test_acc": test["accuracy"],
             "ece_raw": raw["ece"], "ece": test["ece"]}

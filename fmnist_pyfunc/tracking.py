@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from fmnist_pyfunc import calibration, data, inference, models, preprocessing, reporting, training
+from fmnist_pyfunc import calibration, data, models, preprocessing, reporting, training
 from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
@@ -68,10 +68,7 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.Fash
 def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST) -> float:
     """Evaluate once on the 10k test set exactly as the served model will (on the CPU, through
     `inference`); log the metrics, calibration before/after and the report artifacts."""
-    network = result.model.to("cpu")
-    logits = inference.logits(network, dataset.test_images, cfg["tta"], inference.serving_bf16())
-    raw = training.scores(logits, dataset.test_labels)
-    test = training.scores(logits, dataset.test_labels, result.temperature)
+    raw, test = training.test_scores(result, dataset, cfg["tta"])
     probabilities = test["probabilities"]
     predictions, confidence = probabilities.argmax(1), probabilities.max(1)
     matrix = reporting.confusion_matrix(dataset.test_labels, predictions)

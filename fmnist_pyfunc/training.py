@@ -64,6 +64,13 @@ def scores(logits: torch.Tensor, labels: np.ndarray, temperature: float = 1.0) -
     }
 
 
+def test_scores(result: TrainResult, dataset: data.FashionMNIST, tta: bool) -> tuple[dict, dict]:
+    """Scores on the 10k test set exactly as the served model gives them (on the CPU, in serving's precision),
+    before and after the calibration temperature."""
+    logits = inference.logits(result.model.to("cpu"), dataset.test_images, tta, inference.serving_bf16())
+    return scores(logits, dataset.test_labels), scores(logits, dataset.test_labels, result.temperature)
+
+
 def train(cfg: dict, dataset: data.FashionMNIST,
           on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
     """Train on the stratified training split; select the epoch with the best validation accuracy."""
