@@ -49,8 +49,7 @@ def test_photos_as_people_upload_them_look_like_the_dataset(dataset, variant):
     elif variant == "rgba_cutout":
         dark = 255 - original  # the product's real tones: dataset pixels are negated photo pixels
         rgba = np.dstack([dark, dark, dark, np.where(original > 0, 255, 0)]).astype(np.uint8)
-        encoded = encode(upscaled(rgba))
-        original = np.where(original > 0, dark, 0)  # a light product: placed on black, where it has contrast
+        encoded = encode(upscaled(rgba))  # its fringe is light: placed on white and negated, as Zalando did
     elif variant == "off_centre_small":
         canvas = np.full((200, 300), 255, np.uint8)
         canvas[20:76, 200:256] = 255 - np.asarray(Image.fromarray(original).resize((56, 56)))
@@ -62,16 +61,21 @@ def test_photos_as_people_upload_them_look_like_the_dataset(dataset, variant):
     assert correlation(_batch(image=[encoded])[0], original) > 0.8, variant
 
 
+N_CUTOUTS = 40  # test images per tone: dim garments (sandals, dark shirts) are where a mean-tone rule misfired
+MIN_CUTOUTS_RIGHT = 0.9  # the fringe rule gets ~97 % (a few outlines are brighter than the inside), the mean ~66 %
+
+
 @pytest.mark.parametrize("tone", ["light", "dark"])
 def test_cutouts_are_placed_where_the_garment_has_contrast(dataset, tone):
-    """A transparent cut-out comes out as a bright garment on black whatever its own tone: a light one placed
-    on black, a dark one on white and negated (a light one on white lost its contrast)."""
-    original = dataset.test_images[1]  # a dataset pullover: mostly bright
-    grey = original if tone == "light" else 255 - original
-    rgba = np.dstack([grey, grey, grey, np.where(original > 0, 255, 0)]).astype(np.uint8)
-    seen = _batch(image=[encode(upscaled(rgba))])[0]
-    garment = np.asarray(Image.fromarray(original).resize((28, 28))) > 0
-    assert seen[garment].mean() > 100 and seen[~garment].mean() < 30
+    """A transparent cut-out comes out as the dataset's bright garment on black whatever its own tone, dim
+    garments included: a light one placed on black, a dark one on white and negated (a light one on white
+    lost its contrast), decided by the fringe, which keeps the tone of the background it was cut from."""
+    right = []
+    for original in dataset.test_images[:N_CUTOUTS]:
+        grey = original if tone == "light" else 255 - original
+        rgba = np.dstack([grey, grey, grey, np.where(original > 0, 255, 0)]).astype(np.uint8)
+        right.append(correlation(_batch(image=[encode(upscaled(rgba))])[0], original) > 0.8)
+    assert np.mean(right) >= MIN_CUTOUTS_RIGHT, right
 
 
 def test_mixed_batch_of_pixels_and_images(dataset):
