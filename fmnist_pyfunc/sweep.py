@@ -42,7 +42,7 @@ class Preset:
 
 
 PRESETS = {
-    # ~6-7 min per full trial on 2 CPU cores: 8 trials, pruning and the deadline keep it near 30 min.
+    # ~8-10 min per full trial on 2 CPU cores: pruning and the deadline keep it near 30 min (28.6 measured).
     "default": Preset(n_trials=8, timeout_minutes=24, fixed={}, widths=(24, 32, 40), start_from_defaults=True,
                       description="width, batch size, lr, weight decay, label smoothing, dropout, augmentation"),
     # Demos and CI: 3 epochs on a 10k-image slice, ~10 s a trial (the defaults are not tuned for this budget).
