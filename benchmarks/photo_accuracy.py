@@ -31,6 +31,8 @@ SINGLE_TARGET, TOGETHER_TARGET = 0.95, 0.85   # shares of the raw-pixel accuracy
 PICTURE_KINDS = ("off_centre", "shadow", "rotated", "degraded", "uneven_light", photos.TOGETHER)
 PICTURE_ROWS = 4
 TILE = 168  # pixels per tile in the picture
+# Rows per predict call, within the pyfunc's per-request limits: rows, and decoded pixels (photos are the largest)
+REQUEST_ROWS = min(preprocessing.MAX_BATCH_ROWS, preprocessing.MAX_REQUEST_PIXELS // np.prod(photos.PHOTO_SIZE))
 
 
 def frames(images: np.ndarray, seed: int) -> dict[str, list[str] | list]:
@@ -54,9 +56,8 @@ def preprocessing_ms(rows: list[str]) -> float:
 def score(model, kind: str, rows: list, labels: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
     """Accuracy, predictions and the 28x28 images the model saw."""
     column = "pixels" if kind == "raw pixels" else "image"
-    answers = [model.predict(pd.DataFrame({column: rows[start:start + preprocessing.MAX_BATCH_ROWS]}),
-                             params={"return_seen": True})
-               for start in range(0, len(rows), preprocessing.MAX_BATCH_ROWS)]
+    answers = [model.predict(pd.DataFrame({column: rows[start:start + REQUEST_ROWS]}), params={"return_seen": True})
+               for start in range(0, len(rows), REQUEST_ROWS)]
     answer = pd.concat(answers, ignore_index=True)
     predictions = answer["class_index"].to_numpy()
     return float((predictions == labels).mean()), predictions, np.array(answer["seen"].tolist(), dtype=np.uint8)
