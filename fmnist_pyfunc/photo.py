@@ -63,10 +63,9 @@ def _cutout(image: Image.Image) -> np.ndarray | None:
     opaque = alpha > HALF_OPAQUE
     fringe = opaque & _grow(~opaque, max(1, round(FRINGE_FRACTION * min(grey.shape))))
     inside = opaque & ~fringe
-    if fringe.any() and inside.any() and abs(grey[fringe].mean() - grey[inside].mean()) > FRINGE_TIE:
-        light = grey[fringe].mean() < grey[inside].mean()
-    else:  # a flat cut-out: its own tone decides
-        light = (alpha * grey).sum() / max(alpha.sum(), 1e-6) > PIXEL_MAX / 2
+    lift = float(grey[inside].mean() - grey[fringe].mean()) if inside.any() and fringe.any() else 0.0
+    own_tone = (alpha * grey).sum() / max(alpha.sum(), 1e-6)  # decides for a flat cut-out
+    light = lift > 0 if abs(lift) > FRINGE_TIE else own_tone > PIXEL_MAX / 2
     return alpha * (grey if light else PIXEL_MAX - grey)
 
 
