@@ -137,19 +137,34 @@ def _cmyk_jpeg(pixels: np.ndarray) -> bytes:
     return _encoded(upscaled(255 - pixels).convert("CMYK"), "JPEG", quality=95)
 
 
-UNUSUAL = {  # name: the test image as people might send it; the model must see the same garment
-    "RGBA cut-out": lambda p: _encoded(upscaled(np.dstack([255 - p] * 3 + [np.where(p > 0, 255, 0)])
-                                                .astype(np.uint8)), "PNG"),
-    "palette": lambda p: _encoded(upscaled(p).convert("P"), "PNG"),
-    "16-bit": lambda p: _encoded(Image.fromarray(p.astype(np.uint16) * 257), "PNG"),
-    "CMYK JPEG": _cmyk_jpeg,
-    "EXIF-rotated": lambda p: base64.b64decode(exif_rotated_jpeg(p)),
-    "WebP": lambda p: _encoded(upscaled(255 - p), "WEBP", quality=90),
-    "GIF": lambda p: _encoded(upscaled(255 - p), "GIF"),
-    "animated GIF": lambda p: _encoded(upscaled(255 - p), "GIF", save_all=True,
-                                       append_images=[Image.new("L", (300, 300), 255)], duration=100),
-    "BMP": lambda p: _encoded(upscaled(255 - p).convert("RGB"), "BMP"),
-    "AVIF": lambda p: _encoded(upscaled(255 - p).convert("RGB"), "AVIF", quality=90),
+def _photo_png(pixels: np.ndarray) -> bytes:
+    """The garment in the dataset's tones, photo-sized, as a plain PNG."""
+    return _encoded(upscaled(pixels), "PNG")
+
+
+def _dark_on_white_png(pixels: np.ndarray) -> bytes:
+    """The garment as most photos show one, dark on white, photo-sized, as a plain PNG."""
+    return _encoded(upscaled(255 - pixels), "PNG")
+
+
+def _dataset_png(pixels: np.ndarray) -> bytes:
+    return base64.b64decode(png_base64(pixels))
+
+
+UNUSUAL = {  # name: (the test image as people might send it, the same picture as an ordinary PNG)
+    "RGBA cut-out": (lambda p: _encoded(upscaled(np.dstack([255 - p] * 3 + [np.where(p > 0, 255, 0)])
+                                                 .astype(np.uint8)), "PNG"), _dark_on_white_png),
+    "palette": (lambda p: _encoded(upscaled(p).convert("P"), "PNG"), _photo_png),
+    "16-bit": (lambda p: _encoded(Image.fromarray(p.astype(np.uint16) * 257), "PNG"), _dataset_png),
+    "CMYK JPEG": (_cmyk_jpeg, _dark_on_white_png),
+    "EXIF-rotated": (lambda p: base64.b64decode(exif_rotated_jpeg(p)), _photo_png),
+    "WebP": (lambda p: _encoded(upscaled(255 - p), "WEBP", quality=90), _dark_on_white_png),
+    "GIF": (lambda p: _encoded(upscaled(255 - p), "GIF"), _dark_on_white_png),
+    "animated GIF": (lambda p: _encoded(upscaled(255 - p), "GIF", save_all=True,
+                                        append_images=[Image.new("L", (300, 300), 255)], duration=100),
+                     _dark_on_white_png),
+    "BMP": (lambda p: _encoded(upscaled(255 - p).convert("RGB"), "BMP"), _dark_on_white_png),
+    "AVIF": (lambda p: _encoded(upscaled(255 - p).convert("RGB"), "AVIF", quality=90), _dark_on_white_png),
 }
 BASE64_AS_PEOPLE_WRITE_IT = {  # name: the standard base64 of an image -> what people send
     "browser data URL": lambda b64: "data:image/png;base64," + b64,
@@ -160,20 +175,28 @@ BASE64_AS_PEOPLE_WRITE_IT = {  # name: the standard base64 of an image -> what p
 N_UNUSUAL = 10  # test images per variant
 
 
+def _classes(url: str, encoded: list[str]) -> list[int]:
+    response = _post(url, _records(*[{"image": b64} for b64 in encoded]))
+    assert response.status_code == 200, response.text[:300]
+    return [p["class_index"] for p in response.json()["predictions"]]
+
+
 def test_invocations_answers_unusual_but_valid_images_sensibly(scoring_url, dataset):
     """Each variant of 10 real test images (odd modes, EXIF rotation, every accepted format, the first frame
-    of an animated GIF, base64 written as browsers and shells write it) gets the class the raw pixels get
-    (allowing one or two borderline images); degenerate sizes (1x1, 10000x10) get valid probabilities."""
+    of an animated GIF, base64 written as browsers and shells write it) gets the class the same picture gets
+    as an ordinary PNG (allowing two borderline images: lossy formats, the cut-out's placement); degenerate
+    sizes (1x1, 10000x10) get valid probabilities. (Against the same picture, not the raw pixels: how a
+    photo-sized picture reads is the photo benchmark's business, and the test's tiny model is borderline on
+    a few of them.)"""
     images = dataset.test_images[:N_UNUSUAL]
-    raw = _post(scoring_url, _records(*[{"pixels": img.tolist()} for img in images])).json()["predictions"]
-    variants = {name: [_b64(variant(img)) for img in images] for name, variant in UNUSUAL.items()}
-    variants |= {name: [written(png_base64(img)) for img in images]
-                 for name, written in BASE64_AS_PEOPLE_WRITE_IT.items()}
+    cases = {name: ([_b64(variant(img)) for img in images], [_b64(reference(img)) for img in images])
+             for name, (variant, reference) in UNUSUAL.items()}
+    cases |= {name: ([written(png_base64(img)) for img in images], [png_base64(img) for img in images])
+              for name, written in BASE64_AS_PEOPLE_WRITE_IT.items()}
     assert any("+" in b64 or "/" in b64 for b64 in map(png_base64, images))  # the URL-safe case changes something
-    for name, encoded in variants.items():
-        response = _post(scoring_url, _records(*[{"image": b64} for b64 in encoded]))
-        assert response.status_code == 200, (name, response.text[:300])
-        agree = [a["class_index"] == b["class_index"] for a, b in zip(response.json()["predictions"], raw, strict=True)]
+    for name, (encoded, references) in cases.items():
+        agree = [a == b for a, b in zip(_classes(scoring_url, encoded), _classes(scoring_url, references),
+                                         strict=True)]
         assert sum(agree) >= N_UNUSUAL - 2, name
     for size in [(1, 1), (10000, 10)]:
         response = _post(scoring_url, _image(_encoded(Image.new("L", size, 200), "PNG")))
