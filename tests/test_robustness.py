@@ -272,7 +272,8 @@ def test_ui_takes_images_as_people_send_them(ui_url, dataset):
     body = {"images": [BASE64_AS_PEOPLE_WRITE_IT[name](png) for name in BASE64_AS_PEOPLE_WRITE_IT]}
     answer = requests.post(f"{ui_url}/predict", json=body, timeout=30)
     assert answer.status_code == 200 and len({r["class_name"] for r in answer.json()["results"]}) == 1
-    files = [(f"shoe.{name.lower()}", UNUSUAL[name](dataset.test_images[0])) for name in ("WebP", "GIF", "BMP", "AVIF")]
+    shoe = dataset.test_images[0]
+    files = [(f"shoe.{name.lower()}", UNUSUAL[name][0](shoe)) for name in ("WebP", "GIF", "BMP", "AVIF")]
     answer = _form_upload(ui_url, files)
     assert answer.status_code == 200 and len(answer.json()["results"]) == 4, answer.text[:300]
 
