@@ -30,7 +30,7 @@ class TrainResult:
     device: torch.device
     history: list[dict] = field(default_factory=list)  # one dict of metrics per epoch
     best_epoch: int = 0
-    best_val_accuracy: float = 0.0
+    best_val_accuracy: float = 0.0  # the chosen epoch's as served (with `tta`); the history's are the plain image's
     train_seconds: float = 0.0
     bf16: bool = False          # trained (and evaluated) under bf16 autocast
     temperature: float = 1.0    # fitted on the validation split after training: divides the logits
@@ -100,7 +100,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
     aug_generator = torch.Generator(device=device).manual_seed(cfg["seed"])
 
     result = TrainResult(model=model, device=device, bf16=bf16)
-    best_state, epochs_without_gain = None, 0
+    best_state, best_epoch_accuracy, epochs_without_gain = None, 0.0, 0
     start = time.perf_counter()
     bar = tqdm(range(cfg["epochs"]), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
@@ -121,7 +121,9 @@ def train(cfg: dict, dataset: data.FashionMNIST,
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y_train[idx]).sum()
 
-        val = scores(inference.logits(model, x_val, cfg["tta"], bf16), y_val)
+        # Each epoch scores the image alone (no mirror average): enough to compare epochs, at half the cost
+        # (1.5 vs 3.1 s an epoch here, ~5 % of training). The chosen epoch is scored as served once, below.
+        val = scores(inference.logits(model, x_val, False, bf16), y_val)
         metrics = {
             "train_loss": loss_sum.item() / steps_per_epoch,
             "train_accuracy": correct.item() / (steps_per_epoch * batch_size),
@@ -133,8 +135,8 @@ def train(cfg: dict, dataset: data.FashionMNIST,
         result.train_seconds = time.perf_counter() - start
         result.history.append(metrics)
         bar.set_postfix(val_acc=f"{val['accuracy']:.4f}", loss=f"{metrics['train_loss']:.3f}")
-        if best_state is None or val["accuracy"] > result.best_val_accuracy:
-            result.best_epoch, result.best_val_accuracy = epoch, val["accuracy"]
+        if best_state is None or val["accuracy"] > best_epoch_accuracy:
+            result.best_epoch, best_epoch_accuracy = epoch, val["accuracy"]
             best_state, epochs_without_gain = copy.deepcopy(model.state_dict()), 0
         else:
             epochs_without_gain += 1
@@ -147,6 +149,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
     model.eval()
     val_logits = inference.logits(model, x_val, cfg["tta"], bf16)
     result.temperature = calibration.fit_temperature(val_logits, torch.from_numpy(y_val))
-    result.val_ece_raw = scores(val_logits, y_val)["ece"]
+    raw = scores(val_logits, y_val)
+    result.best_val_accuracy, result.val_ece_raw = raw["accuracy"], raw["ece"]
     result.val_ece = scores(val_logits, y_val, result.temperature)["ece"]
     return result

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from fmnist_pyfunc import config, inference, training
+from fmnist_pyfunc import config, data, inference, training
 
 TINY = {"epochs": 2, "max_train_samples": 2048, "width": 8, "val_size": 500, "lr": 0.1, "augment": "flip"}
 
@@ -25,6 +25,17 @@ def test_training_runs_in_either_precision(dataset, precision):
     result = training.train(config.validate({**TINY, "precision": precision}), dataset, progress=False)
     assert result.bf16 == (precision == "bf16")
     assert result.best_val_accuracy > 0.4 and 0.05 < result.temperature < 20
+
+
+def test_selection_score_is_the_served_models_validation_accuracy(dataset):
+    """Epochs are compared on the plain image, but the logged best_val_accuracy (what the sweep and promote
+    rank by) is the chosen model's validation accuracy exactly as served: mirror-averaged, calibrated."""
+    cfg = config.validate({**TINY, "tta": True})
+    result = training.train(cfg, dataset, progress=False)
+    _, val_idx = data.stratified_split(dataset.train_labels, cfg["val_size"], cfg["seed"])
+    served = inference.probabilities(result.model, dataset.train_images[val_idx], True, result.bf16,
+                                     result.temperature)
+    assert result.best_val_accuracy == float((served.argmax(1) == dataset.train_labels[val_idx]).mean())
 
 
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_budget():
