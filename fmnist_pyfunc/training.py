@@ -122,7 +122,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
             correct += (logits.argmax(1) == y_train[idx]).sum()
 
         # Each epoch scores the image alone (no mirror average): enough to compare epochs, at half the cost
-        # (1.5 vs 3.1 s an epoch here, ~5 % of training). The chosen epoch is scored as served once, below.
+        # (1.25 vs 2.94 s an epoch here, ~5 % of training). The chosen epoch is scored as served once, below.
         val = scores(inference.logits(model, x_val, False, bf16), y_val)
         metrics = {
             "train_loss": loss_sum.item() / steps_per_epoch,
