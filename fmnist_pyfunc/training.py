@@ -123,7 +123,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
 
         # Each epoch scores the image alone (no mirror average): enough to compare epochs, at half the cost
         # (1.25 vs 2.94 s an epoch here, ~5 % of training). The chosen epoch is scored as served once, below.
-        val = scores(inference.logits(model, x_val, False, bf16), y_val)
+        val = scores(inference.logits(model, x_val, tta=False, bf16=bf16), y_val)
         metrics = {
             "train_loss": loss_sum.item() / steps_per_epoch,
             "train_accuracy": correct.item() / (steps_per_epoch * batch_size),
