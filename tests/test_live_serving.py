@@ -143,6 +143,16 @@ def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, stor
     assert _metric(scoring_url, "fmnist_model_info", version=v2) == 2
 
 
+def _first_health(url: str, status: str, failure: str) -> dict:
+    """The first /health answer with `status`. Each worker keeps its own health and sees a promotion at its
+    own next poll, so the answer after this one may still come from a worker that has not looked yet."""
+    deadline = time.time() + SWITCH_DEADLINE_S
+    while (health := requests.get(f"{url}/health", timeout=10).json())["status"] != status:
+        assert time.time() < deadline, failure
+        time.sleep(0.5)
+    return health
+
+
 def test_a_broken_version_is_refused_and_a_rollback_is_followed(servers, store, dataset, tmp_path):
     """A version whose weights are garbage is never served: answers stay on the old version, /health says
     degraded and why, the failure is counted; promoting v1 again (a rollback) is followed and heals /health."""
@@ -153,11 +163,7 @@ def test_a_broken_version_is_refused_and_a_rollback_is_followed(servers, store, 
     client.start()
     try:
         _promote(broken)
-        deadline = time.time() + SWITCH_DEADLINE_S
-        while requests.get(f"{scoring_url}/health", timeout=10).json()["status"] != "degraded":
-            assert time.time() < deadline, "never reported the broken version"
-            time.sleep(0.5)
-        health = requests.get(f"{scoring_url}/health", timeout=10).json()
+        health = _first_health(scoring_url, "degraded", "never reported the broken version")
         assert f"v{broken} is not served" in health["reason"] and health["model"]["version"] == v2
         forced = requests.post(f"{scoring_url}/reload", timeout=60)  # asking again does not make it load
         assert forced.status_code == 200 and forced.json()["status"] == "degraded"
@@ -170,10 +176,7 @@ def test_a_broken_version_is_refused_and_a_rollback_is_followed(servers, store, 
         client.running = False
         client.join()
     assert all(status == 200 for status, _ in client.answers)
-    deadline = time.time() + SWITCH_DEADLINE_S
-    while requests.get(f"{scoring_url}/health", timeout=10).json()["status"] != "ok":
-        assert time.time() < deadline, "still degraded after the rollback"
-        time.sleep(0.5)
+    _first_health(scoring_url, "ok", "still degraded after the rollback")
 
 
 COUNTED = {  # name -> (server, metric, labels)
