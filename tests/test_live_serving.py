@@ -20,6 +20,7 @@ pytestmark = pytest.mark.e2e
 
 NAME = config.REGISTERED_MODEL_NAME
 FOLLOW_S = 1.0           # the servers under test re-resolve Production this often
+POLL_S = 0.2             # between two looks at /health or /metrics while waiting for a worker
 SWITCH_DEADLINE_S = 30   # a download and load of a tiny model takes ~1-2 s; generous for a busy CI machine
 TINY = {"epochs": 1, "max_train_samples": 2000, "width": 8, "val_size": 500}
 
@@ -114,6 +115,15 @@ def _metric(url: str, name: str, **labels) -> float:
     return total
 
 
+def _until(fetch, done, failure: str):
+    """The first value of fetch() that is done(), within SWITCH_DEADLINE_S."""
+    deadline = time.time() + SWITCH_DEADLINE_S
+    while not done(value := fetch()):
+        assert time.time() < deadline, failure
+        time.sleep(POLL_S)
+    return value
+
+
 def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, store, dataset):
     """While a client scores continuously, promoting v2 switches both workers' answers to v2 within the follow
     interval (plus a load), with zero failed requests; /model and the UI name the version that answered."""
@@ -133,10 +143,8 @@ def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, stor
     versions = [v for _, v in client.answers]
     # A reconnecting client could reach the other worker, which may lag by one follow interval.
     assert versions[versions.index(v2):].count(v1) <= 2 * 20, "a worker went back to v1"
-    deadline = time.time() + SWITCH_DEADLINE_S
-    while _metric(scoring_url, "fmnist_model_info", version=v2) < 2:  # the worker the client did not reach
-        assert time.time() < deadline, "a worker never switched to v2"
-        time.sleep(0.2)
+    _until(lambda: _metric(scoring_url, "fmnist_model_info", version=v2), lambda workers: workers >= 2,
+           "a worker never switched to v2")  # including the worker the client did not reach
     print(f"{len(statuses)} requests, switched to v{v2} {took:.1f} s after the last v{v1}-only window")
     info = requests.get(f"{scoring_url}/model", timeout=10).json()
     assert (info["name"], info["version"], info["stage"]) == (NAME, v2, "Production")
@@ -152,11 +160,8 @@ def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, stor
 def _first_health(url: str, status: str, failure: str) -> dict:
     """The first /health answer with `status`. Each worker keeps its own health and sees a promotion at its
     own next poll, so the answer after this one may still come from a worker that has not looked yet."""
-    deadline = time.time() + SWITCH_DEADLINE_S
-    while (health := requests.get(f"{url}/health", timeout=10).json())["status"] != status:
-        assert time.time() < deadline, failure
-        time.sleep(0.5)
-    return health
+    return _until(lambda: requests.get(f"{url}/health", timeout=10).json(), lambda h: h["status"] == status,
+                  failure)
 
 
 def test_a_broken_version_is_refused_and_a_rollback_is_followed(servers, store, dataset, tmp_path):
