@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, mlflow_run, project_env
 from mlflow.models import validate_serving_input
 
-from fmnist_pyfunc.config import CLASS_NAMES
+from fmnist_pyfunc.config import CLASS_NAMES, TRAIN_DEFAULTS
 from fmnist_pyfunc.preprocessing import png_base64
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +22,7 @@ def test_run_logs_params_provenance_metrics_and_artifacts(trained_run):
     client = mlflow.MlflowClient()
     assert trained_run.info.status == "FINISHED"
     params, metrics, tags = trained_run.data.params, trained_run.data.metrics, trained_run.data.tags
-    assert params["epochs"] == "2" and params["arch"] == "resnet" and params["resolved_device"] == "cpu"
+    assert params["epochs"] == "2" and params["arch"] == TRAIN_DEFAULTS["arch"] and params["resolved_device"] == "cpu"
     assert len(tags["data_checksum"]) == 64 and tags["git_commit"]
     for key in ("test_accuracy", "best_val_accuracy", "train_seconds", "num_parameters", "val_loss", "train_loss"):
         assert key in metrics, key
