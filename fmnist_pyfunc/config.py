@@ -32,7 +32,7 @@ TRAIN_DEFAULTS = {
     "seed": 0,                # seeds the split, initialisation, shuffling and augmentation
     "device": "auto",         # "auto" (CUDA when available), "cpu" or "cuda"
     "precision": "auto",      # "auto": bf16 autocast where the device computes bf16 natively (CUDA, CPUs with
-                              # AVX512-BF16/AMX: 1.64x faster), fp32 elsewhere (emulated bf16 is ~2x slower)
+                              # AVX512-BF16/AMX: 1.55-1.64x faster), fp32 elsewhere (emulated bf16 is ~2x slower)
 }
 
 ARCHS = ("resnet2", "resnet", "cnn", "mlp")
