@@ -12,7 +12,7 @@ import harness
 import numpy as np
 import pytest
 import requests
-from conftest import REPO, encode, exif_rotated_jpeg, project_env, upscaled
+from conftest import REPO, correlation, encode, exif_rotated_jpeg, project_env, upscaled
 from PIL import Image
 
 from entrypoints import container, serve
@@ -173,32 +173,41 @@ BASE64_AS_PEOPLE_WRITE_IT = {  # name: the standard base64 of an image -> what p
     "no padding": lambda b64: b64.rstrip("="),
 }
 N_UNUSUAL = 10  # test images per variant
+MAX_MISREAD = 2  # of them read as another picture: lossy formats, the cut-out's placement
+# Two readings whose seen images correlate at least this much are the same picture (a cut-out and its PNG: 0.89-0.97,
+# the misplaced one 0.41); if the tiny test model still tells them apart, it is borderline, not the decoding.
+SAME_PICTURE = 0.85
 
 
-def _classes(url: str, encoded: list[str], name: str) -> list[int]:
-    response = _post(url, _records(*[{"image": b64} for b64 in encoded]))
+def _readings(url: str, encoded: list[str], name: str) -> tuple[list[int], list[np.ndarray]]:
+    """The class and the 28x28 image the model saw, for each image."""
+    body = {"dataframe_records": [{"image": b64} for b64 in encoded], "params": {"return_seen": True}}
+    response = _post(url, json.dumps(body).encode())
     assert response.status_code == 200, (name, response.text[:300])
-    return [p["class_index"] for p in response.json()["predictions"]]
+    predictions = response.json()["predictions"]
+    return [p["class_index"] for p in predictions], [np.array(p["seen"], float) for p in predictions]
 
 
 def test_invocations_answers_unusual_but_valid_images_sensibly(scoring_url, dataset):
     """Each variant of 10 real test images (odd modes, EXIF rotation, every accepted format, the first frame
-    of an animated GIF, base64 written as browsers and shells write it) gets the class the same picture gets
-    as an ordinary PNG (allowing two borderline images: lossy formats, the cut-out's placement); degenerate
-    sizes (1x1, 10000x10) get valid probabilities. (Against the same picture, not the raw pixels: how a
-    photo-sized picture reads is the photo benchmark's business, and the test's tiny model is borderline on
-    a few of them.)"""
+    of an animated GIF, base64 written as browsers and shells write it) is read as the same picture as an
+    ordinary PNG of it: the same class, or, where the tiny test model is borderline, the same seen image;
+    two may be read otherwise (lossy formats, the cut-out's placement). Degenerate sizes (1x1, 10000x10) get
+    valid probabilities. (Against the same picture, not the raw pixels: how a photo-sized picture reads is
+    the photo benchmark's business.)"""
     images = dataset.test_images[:N_UNUSUAL]
-    expected = {reference: _classes(scoring_url, [_b64(reference(img)) for img in images], reference.__name__)
+    expected = {reference: _readings(scoring_url, [_b64(reference(img)) for img in images], reference.__name__)
                 for reference in {reference for _, reference in UNUSUAL.values()} | {_dataset_png}}
     cases = {name: ([_b64(variant(img)) for img in images], expected[reference])
              for name, (variant, reference) in UNUSUAL.items()}
     cases |= {name: ([written(png_base64(img)) for img in images], expected[_dataset_png])
               for name, written in BASE64_AS_PEOPLE_WRITE_IT.items()}
     assert any("+" in b64 or "/" in b64 for b64 in map(png_base64, images))  # the URL-safe case changes something
-    for name, (encoded, classes) in cases.items():
-        agree = [a == b for a, b in zip(_classes(scoring_url, encoded, name), classes, strict=True)]
-        assert sum(agree) >= N_UNUSUAL - 2, name
+    for name, (encoded, (classes, seen)) in cases.items():
+        got_classes, got_seen = _readings(scoring_url, encoded, name)
+        misread = [a != b and correlation(x, y) < SAME_PICTURE
+                   for a, b, x, y in zip(got_classes, classes, got_seen, seen, strict=True)]
+        assert sum(misread) <= MAX_MISREAD, name
     for size in [(1, 1), (10000, 10)]:
         response = _post(scoring_url, _image(_encoded(Image.new("L", size, 200), "PNG")))
         assert response.status_code == 200
