@@ -53,3 +53,8 @@ def test_width_scales_capacity():
     """Doubling the CNN's width multiplies its parameters by more than 3 (conv weights grow with width squared)."""
     small, large = (models.count_parameters(models.build("cnn", w, 3, 0.0)) for w in (8, 16))
     assert large > 3 * small
+
+
+def test_every_configurable_architecture_is_built():
+    """The architectures `train` accepts (config.ARCHS, kept free of torch) are exactly the ones models builds."""
+    assert set(config.ARCHS) == set(models.ARCHITECTURES)
