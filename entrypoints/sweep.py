@@ -1,6 +1,6 @@
 """Search hyperparameters with Optuna (each trial an MLflow child run), then promote the best model.
 
-    python -m entrypoints.sweep                      # default preset: 8 trials, <= 30 min on 2 CPU cores
+    python -m entrypoints.sweep                      # default preset: wider networks, 24 epochs, ~30 min on 2 CPU cores
     python -m entrypoints.sweep --preset quick       # a few minutes, for demos and CI
     mlflow run . -e sweep --env-manager local -P preset=quick
 Interrupt it (Ctrl-C) and start it again with the same --study: it continues where it stopped.

@@ -25,13 +25,15 @@ def test_every_suggestion_is_a_valid_training_config_inside_the_space(name):
         config.validate({**config.TRAIN_DEFAULTS, **preset.fixed, **params})
 
 
-def test_default_presets_first_trial_is_the_tuned_defaults():
-    """The default preset starts from TRAIN_DEFAULTS, which must lie inside its own space."""
+def test_default_presets_first_trial_is_the_tuned_defaults_widened_inside_its_space():
+    """The default preset's trial 0 is TRAIN_DEFAULTS' searched values with its own changes (a wider network),
+    every one of them inside the space it searches: Optuna would otherwise sample what it was asked to enqueue."""
     preset = sweep.PRESETS["default"]
-    assert preset.start_from_defaults
+    trial = sweep.first_trial(preset)
     space = sweep.search_space(preset)
+    assert set(trial) == set(space) and trial["width"] > config.TRAIN_DEFAULTS["width"]
     for key, distribution in space.items():
-        assert distribution._contains(distribution.to_internal_repr(config.TRAIN_DEFAULTS[key])), key
+        assert distribution._contains(distribution.to_internal_repr(trial[key])), key
 
 
 @pytest.mark.parametrize("error, lost", [
