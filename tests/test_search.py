@@ -1,5 +1,7 @@
 """The sweep's search space and its reading of failures, without training anything."""
 
+import time
+
 import mlflow
 import optuna
 import pytest
@@ -58,3 +60,15 @@ def test_a_storage_url_with_a_password_is_refused_before_anything_runs(tracking_
         sweep_cli.main(["--storage", "postgresql://optuna:s3cret@127.0.0.1:1/optuna", "--experiment", "never"])
     assert exit_.value.code == 2
     assert "PGPASSWORD" in capsys.readouterr().err and mlflow.get_experiment_by_name("never") is None
+
+
+def test_progress_counts_down_to_the_deadline_not_to_the_whole_trial_budget(capsys):
+    """After a trial, the time left is bounded by the deadline (plus the one trial that may still start before
+    it), and after the deadline the sweep says no trial will start: a 30-minute sweep never announces 87 more."""
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda trial: 0.9, n_trials=1)
+    now = time.time()
+    sweep.progress_printer(8, now - 60, timeout_s=300)(study, study.trials[0])  # 1 min a trial, 4 min to go
+    assert "~5.0 min left" in capsys.readouterr().out
+    sweep.progress_printer(8, now - 600, timeout_s=300)(study, study.trials[0])
+    assert "no new trial after the deadline" in capsys.readouterr().out
