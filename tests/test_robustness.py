@@ -28,8 +28,11 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def _records(*rows: dict) -> bytes:
-    return json.dumps({"dataframe_records": list(rows)}).encode()
+def _records(*rows: dict, params: dict | None = None) -> bytes:
+    body = {"dataframe_records": list(rows)}
+    if params is not None:
+        body["params"] = params
+    return json.dumps(body).encode()
 
 
 def _pixels(value) -> bytes:
@@ -181,8 +184,7 @@ SAME_PICTURE = 0.85
 
 def _readings(url: str, encoded: list[str], name: str) -> tuple[list[int], list[np.ndarray]]:
     """The class and the 28x28 image the model saw, for each image."""
-    body = {"dataframe_records": [{"image": b64} for b64 in encoded], "params": {"return_seen": True}}
-    response = _post(url, json.dumps(body).encode())
+    response = _post(url, _records(*[{"image": b64} for b64 in encoded], params={"return_seen": True}))
     assert response.status_code == 200, (name, response.text[:300])
     predictions = response.json()["predictions"]
     return [p["class_index"] for p in predictions], [np.array(p["seen"], float) for p in predictions]
