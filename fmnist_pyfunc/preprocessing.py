@@ -221,8 +221,11 @@ def open_rows(frame) -> list:
     if unknown:
         raise InputError(f"unknown input column(s) {sorted(unknown)}; send 'pixels' or 'image'")
     if len(frame) == 0:
-        # MLflow's schema enforcement drops fields the signature lacks: rows of only those arrive as no rows.
-        raise InputError("empty batch: send at least one row with 'pixels' or 'image' (other fields are ignored)")
+        # MLflow's schema enforcement drops what the signature lacks: rows of other fields, and bare arrays
+        # such as {"inputs": [<28x28>, ...]} (no column name), arrive as no rows.
+        raise InputError("empty batch: no row with 'pixels' or 'image' arrived. Send each image as an object, "
+                         "{\"pixels\": <28x28 numbers 0-255>} or {\"image\": \"<base64>\"}; bare arrays of "
+                         "images and other fields are dropped")
     if len(frame) > MAX_BATCH_ROWS:
         raise InputError(f"batch of {len(frame)} rows exceeds the maximum of {MAX_BATCH_ROWS}")
     pixels = frame["pixels"].tolist() if "pixels" in columns else [None] * len(frame)

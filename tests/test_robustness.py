@@ -72,6 +72,8 @@ BAD_REQUESTS = {  # name: (body, status, words the message must contain)
     "negative": (_pixels(np.full((28, 28), -1).tolist()), 400, "0..255"),
     "above 255": (_pixels(np.full((28, 28), 256).tolist()), 400, "0..255"),
     "empty batch": (_records(), 400, "empty batch"),
+    "bare arrays of images": (json.dumps({"inputs": [ZEROS, ZEROS]}).encode(), 400,
+                              "Send each image as an object, {\"pixels\""),
     "batch above maximum": (_records(*[{"pixels": ZEROS}] * (preprocessing.MAX_BATCH_ROWS + 1)), 400,
                             f"maximum of {preprocessing.MAX_BATCH_ROWS}"),
     "strings for numbers": (_pixels([["a"] * 28] * 28), 400, "array of numbers"),
