@@ -32,26 +32,53 @@ def test_server_answers_ping_and_version(scoring_url):
     assert requests.get(f"{scoring_url}/version", timeout=5).text.strip() == mlflow.__version__
 
 
-def test_every_input_kind_through_invocations_matches_in_process_predict(scoring_url, trained_run, dataset):
-    """Raw pixels and PNG/JPEG images over HTTP give the in-process pyfunc's answers, at the model's accuracy."""
-    images, labels = dataset.test_images[:N_IMAGES], dataset.test_labels[:N_IMAGES]
+def _rows_of_each_kind(images: np.ndarray) -> dict[str, list[dict]]:
+    """The same test images as raw pixels, as PNGs and as photo-sized, inverted colour JPEGs."""
     jpeg = []
     for img in images:
         buffer = io.BytesIO()
         Image.fromarray(255 - img).resize((112, 112)).convert("RGB").save(buffer, "JPEG", quality=90)
         jpeg.append(base64.b64encode(buffer.getvalue()).decode())
+    return {"pixels": [{"pixels": img.tolist()} for img in images],
+            "png": [{"image": png_base64(img)} for img in images],
+            "jpeg": [{"image": b} for b in jpeg]}
+
+
+def _served_classes(scoring_url: str, rows: list[dict]) -> np.ndarray:
+    response = _invoke(scoring_url, rows)
+    assert response.status_code == 200, response.text[:500]
+    return np.array([p["class_index"] for p in response.json()["predictions"]])
+
+
+def test_every_input_kind_through_invocations_matches_in_process_predict(scoring_url, trained_run, dataset):
+    """Raw pixels and PNG/JPEG images over HTTP give the in-process pyfunc's answers, at the model's accuracy."""
+    images, labels = dataset.test_images[:N_IMAGES], dataset.test_labels[:N_IMAGES]
     model = mlflow.pyfunc.load_model(trained_run.data.tags["model_uri"])
     test_accuracy = trained_run.data.metrics["test_accuracy"]
-    for kind, records in {"pixels": [{"pixels": img.tolist()} for img in images],
-                          "png": [{"image": png_base64(img)} for img in images],
-                          "jpeg": [{"image": b} for b in jpeg]}.items():
-        response = _invoke(scoring_url, records)
-        assert response.status_code == 200, response.text[:500]
-        predicted = np.array([p["class_index"] for p in response.json()["predictions"]])
-        expected = model.predict(pd.DataFrame(records))["class_index"].to_numpy()
+    for kind, rows in _rows_of_each_kind(images).items():
+        predicted = _served_classes(scoring_url, rows)
+        expected = model.predict(pd.DataFrame(rows))["class_index"].to_numpy()
         assert np.array_equal(predicted, expected), kind
         tolerance = 0.05 if kind == "pixels" else 0.12  # a few images change by a re-centring pixel
         assert (predicted == labels).mean() >= test_accuracy - tolerance, kind
+
+
+def test_plain_mlflow_models_serve_answers_as_our_scoring_server(production, scoring_url, tracking_uri, dataset,
+                                                                tmp_path):
+    """MLflow's own `mlflow models serve -m models:/fashion-mnist-cnn/Production --env-manager local`, as the
+    docs give it, loads the Production model (without unpickling) and answers pixels, PNG and JPEG rows exactly
+    as our scoring server does: the model needs none of our server's code."""
+    port = free_port()
+    command = [str(harness.BIN / "mlflow"), "models", "serve", "-m", config.PRODUCTION_MODEL_URI,
+               "--env-manager", "local", "--host", config.LOOPBACK, "--port", str(port)]
+    env = harness.child_env(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    plain = harness.start(command, env, f"http://{config.LOOPBACK}:{port}/ping", tmp_path / "plain.log")
+    try:
+        for kind, rows in _rows_of_each_kind(dataset.test_images[:N_IMAGES]).items():
+            ours = _served_classes(scoring_url, rows)
+            assert np.array_equal(_served_classes(f"http://{config.LOOPBACK}:{port}", rows), ours), kind
+    finally:
+        harness.stop(plain)
 
 
 def test_bad_request_is_400_with_a_clear_message(scoring_url, dataset):
