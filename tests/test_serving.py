@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from conftest import project_env
 from harness import free_port
 from PIL import Image
 
@@ -71,12 +72,14 @@ def test_plain_mlflow_models_serve_answers_as_our_scoring_server(production, sco
     port = free_port()
     command = [str(harness.BIN / "mlflow"), "models", "serve", "-m", config.PRODUCTION_MODEL_URI,
                "--env-manager", "local", "--host", config.LOOPBACK, "--port", str(port)]
-    env = harness.child_env(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    plain = harness.start(command, env, f"http://{config.LOOPBACK}:{port}/ping", tmp_path / "plain.log")
+    env = project_env(tracking_uri)  # as the scoring_server fixture's, so both serve the same store
+    env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+    plain_url = f"http://{config.LOOPBACK}:{port}"
+    plain = harness.start(command, env, f"{plain_url}/ping", tmp_path / "plain.log")
     try:
         for kind, rows in _rows_of_each_kind(dataset.test_images[:N_IMAGES]).items():
             ours = _served_classes(scoring_url, rows)
-            assert np.array_equal(_served_classes(f"http://{config.LOOPBACK}:{port}", rows), ours), kind
+            assert np.array_equal(_served_classes(plain_url, rows), ours), kind
     finally:
         harness.stop(plain)
 
