@@ -99,8 +99,12 @@ tracking-server: install
 mlflow-ui: install
 	mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) -h $(HOST) -p $(MLFLOW_UI_PORT)
 
+# Several pytest workers (pytest-xdist): most end-to-end tests wait on servers and subprocesses, so more
+# workers than cores keep both cores busy; each worker takes its share of the cores' threads (tests/conftest.py).
+# One test at a time per worker, longest first (conftest.LONGEST_FIRST): no worker is left with a queue.
+TEST_WORKERS ?= 4
 test: install system-deps lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load --maxschedchunk 1
 
 lint: install
 	$(BIN)/ruff check .

@@ -26,12 +26,17 @@ ADMIN_PASSWORD_ENV = "MLFLOW_TRACKING_ADMIN_PASSWORD"
 SECRET_KEY_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"  # MLflow's: signs CSRF tokens; the same on every replica
 MIN_PASSWORD_CHARS = 12
 DEFAULT_PERMISSION = "READ"  # what a user may do with what they did not create and were not granted
+# MLflow checks the password hash (deliberately slow) on every request unless it may cache a successful
+# check; a cached login stays valid on other workers for this long after a password change. Off, as MLflow
+# ships it: a team turns it on knowingly (--auth-cache-ttl-s).
+DEFAULT_AUTH_CACHE_TTL_S = 0
 
 
-def auth_config(auth_db: str, admin_password: str) -> str:
+def auth_config(auth_db: str, admin_password: str, cache_ttl_s: int = DEFAULT_AUTH_CACHE_TTL_S) -> str:
     return (f"[mlflow]\ndefault_permission = {DEFAULT_PERMISSION}\ndatabase_uri = {auth_db}\n"
             f"admin_username = admin\nadmin_password = {admin_password}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {cache_ttl_s}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=config.MLFLOW_UI_PORT, help="(default: %(default)s)")
     parser.add_argument("--state-dir", type=Path, default=Path(".tracking-server"),
                         help="where the generated auth config is written, mode 600 (default: %(default)s)")
+    parser.add_argument("--auth-cache-ttl-s", type=int, default=DEFAULT_AUTH_CACHE_TTL_S,
+                        help="keep a successful login this many seconds per worker instead of re-hashing the "
+                             "password on every request; a changed password may still work that long on other "
+                             "workers; 0: off (default: %(default)s)")
     parser.add_argument("mlflow_args", nargs=argparse.REMAINDER,
                         help="after --: passed to `mlflow server`, e.g. -- --allowed-hosts tracking.example.org")
     args = parser.parse_args(argv)
@@ -52,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if len(password) < MIN_PASSWORD_CHARS or not secret:
         parser.error(f"set {ADMIN_PASSWORD_ENV} (at least {MIN_PASSWORD_CHARS} characters) and {SECRET_KEY_ENV} "
                      "(any long random string, e.g. `openssl rand -hex 32`) in the environment")
+    if args.auth_cache_ttl_s < 0:
+        parser.error("--auth-cache-ttl-s must be >= 0")
     if any(sqlalchemy.engine.make_url(uri).password for uri in (args.backend_store_uri, args.auth_db_uri) if uri):
         parser.error("a database URI holds a password: drop it and set PGPASSWORD or use ~/.pgpass")
     args.state_dir.mkdir(parents=True, exist_ok=True)
     ini = args.state_dir / "basic_auth.ini"
     ini.touch(mode=0o600)
     auth_db = args.auth_db_uri or f"sqlite:///{(args.state_dir / 'basic_auth.db').resolve()}"
-    ini.write_text(auth_config(auth_db, password))
+    ini.write_text(auth_config(auth_db, password, args.auth_cache_ttl_s))
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(ini.resolve())
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
                "--backend-store-uri", args.backend_store_uri, "--artifacts-destination", args.artifacts_destination,

@@ -24,6 +24,33 @@ TINY_TRAIN = {"epochs": "2", "max_train_samples": "6000", "width": "16", "val_si
               "lr": "0.1", "augment": "flip"}  # the defaults' lr 0.2 and photo augmentation need more steps
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (make test), the cores are shared between the workers: each worker, and every
+    process it starts (`mlflow run`, the servers read OMP_NUM_THREADS), uses its share of them instead of
+    all of them, so N workers do not run N times the threads the machine has."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+# The longest test files, longest first (docs/reliability.md gives their costs): started first, so that no
+# worker picks one up when the others are nearly done. Everything else follows in file order.
+LONGEST_FIRST = ("test_image.py", "test_team.py", "test_sweep.py", "test_faults.py", "test_live_serving.py",
+                 "test_browser.py", "test_train_e2e.py", "test_registry.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: file order within each rank
+
+
 @pytest.fixture(scope="session")
 def dataset():
     from fmnist_pyfunc import data

@@ -65,6 +65,9 @@ def postgres():
 
 
 ADMIN_PASSWORD = "team-mode-admin-0123"  # a test value: real ones come from the user's environment
+# Two sweep workers log hundreds of requests: hashing the password for each cost minutes of CPU. A login is
+# checked once per server worker instead (the option a team may choose too; off by default).
+AUTH_CACHE_TTL_S = 3600
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,8 @@ def tracking_server(postgres, tracking_uri):
     process = subprocess.Popen([str(BIN / "python"), "-m", "entrypoints.tracking_server",
                                 "--backend-store-uri", postgres.url("mlflow"), "--state-dir", str(root / "auth"),
                                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                                "--port", str(port), "--", "--workers", "2"],
+                                "--port", str(port), "--auth-cache-ttl-s", str(AUTH_CACHE_TTL_S),
+                                "--", "--workers", "2"],
                                env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(f"{url}/health", process, log)
