@@ -120,7 +120,7 @@ image: export
 
 # A tiny model trained, promoted, exported, built into an image and smoke-tested (container/smoke.py); offline.
 image-test: install container-deps
-	$(BIN)/python -m pytest tests/test_image.py
+	$(BIN)/python -m pytest tests/test_container_image.py
 
 bench: install
 	$(BIN)/python benchmarks/train_speed.py

@@ -10,7 +10,7 @@ server's resident memory after the warm-up and at the end (must be flat).
     python benchmarks/load.py --worst-case                     # 8 clients sending the heaviest requests
 
 --worst-case: 8 more client threads each send, again and again, the most work one request may ask for
-(images decoding to preprocessing.MAX_REQUEST_PIXELS); they must get 200 or 429, never an error, while the
+(images decoding to contract.MAX_REQUEST_PIXELS); they must get 200 or 429, never an error, while the
 --concurrency clients' good requests (single images) keep p99 under 1 s and memory stays flat.
 """
 
@@ -32,10 +32,8 @@ import numpy as np
 import requests
 from PIL import Image
 
-from fmnist_pyfunc import config, data, preprocessing
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import harness  # noqa: E402  (tests/harness.py: starting and stopping the servers)
+from fmnist_pyfunc import config, contract, data
+from fmnist_testkit import harness
 
 DEFAULT_CONCURRENCY = 16
 DEFAULT_DURATION_S = 60.0
@@ -72,7 +70,7 @@ def mix(dataset: data.FashionMNIST) -> list[Case]:
     """The request mix: ~70 % good requests of every kind, ~30 % bad ones."""
     images = dataset.test_images[:BATCH]
     raw = {"dataframe_records": [{"pixels": images[0].tolist()}]}
-    png_b64 = preprocessing.png_base64(images[1])
+    png_b64 = contract.png_base64(images[1])
     png_bytes = base64.b64decode(png_b64)
     png = {"dataframe_records": [{"image": png_b64}]}
     batch = {"dataframe_records": [{"pixels": img.tolist()} for img in images]}
@@ -114,9 +112,9 @@ def heaviest_request() -> dict:
         image.save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode()
 
-    first = preprocessing.MAX_IMAGE_PIXELS
+    first = contract.MAX_IMAGE_PIXELS
     return {"dataframe_records": [{"image": white_png(first)},
-                                  {"image": white_png(preprocessing.MAX_REQUEST_PIXELS - first)}]}
+                                  {"image": white_png(contract.MAX_REQUEST_PIXELS - first)}]}
 
 
 def worst_case_mix(dataset: data.FashionMNIST) -> tuple[list[Case], list[Case]]:
@@ -222,20 +220,12 @@ def main() -> int:
     args = parser.parse_args()
     dataset = data.load(download=False)
     logs = Path(tempfile.mkdtemp(prefix="fmnist-load-"))
-    port, ui_port = harness.free_port(), harness.free_port()
-    scoring_url, ui_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
-    scoring = harness.start(harness.scoring_command(args.model_uri, config.LOOPBACK, port), harness.child_env(),
-                            f"{scoring_url}/ping", logs / "serve.log")
-    ui = harness.start(harness.ui_command(config.LOOPBACK, ui_port, workers=1),
-                       harness.child_env(FMNIST_SCORING_URL=scoring_url), f"{ui_url}/health", logs / "ui.log")
-    try:
+    with harness.scoring_and_ui(args.model_uri, harness.child_env(), logs) as (scoring_url, ui_url, scoring, ui):
         print(f"model {args.model_uri}; concurrency {args.concurrency} for {args.duration_s:.0f} s; "
               f"{os.cpu_count()} CPU cores; server logs in {logs}")
         result = run_load(scoring_url, ui_url, dataset, args.concurrency, args.duration_s,
-                          {"scoring": scoring.pid, "ui": ui.pid}, worst_case=args.worst_case)
-    finally:
-        harness.stop(ui)
-        harness.stop(scoring)
+                          {"scoring": scoring.pid, "ui": ui.pid},
+                          worst_case=args.worst_case)
     print(report(result))
     failed = [t for t, tally in result["tallies"].items() if tally.good_errors or tally.bad_wrong
               or memory_growth(result, t) > MEMORY_GROWTH_LIMIT]

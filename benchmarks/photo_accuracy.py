@@ -1,5 +1,5 @@
 """Photos as people take them: accuracy of a served model on real test images re-shot as casual photos
-(tests/photos.py: off-centre, shadow, tilt, noise + blur + JPEG, uneven light, all together) and as clean
+(fmnist_testkit/photos.py: off-centre, shadow, tilt, noise + blur + JPEG, uneven light, all together) and as clean
 uploads, against the same images sent as raw pixels, in one run.
 
     python benchmarks/photo_accuracy.py                                  # the Production model, 300 test images
@@ -13,7 +13,6 @@ Also prints what preprocessing costs per image (decode, background model, trim, 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -22,17 +21,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import photos  # noqa: E402
-
-from fmnist_pyfunc import config, data, preprocessing  # noqa: E402
+from fmnist_pyfunc import config, contract, data
+from fmnist_testkit import photos
 
 SINGLE_TARGET, TOGETHER_TARGET = 0.95, 0.85   # shares of the raw-pixel accuracy
 PICTURE_KINDS = ("off_centre", "shadow", "rotated", "degraded", "uneven_light", photos.TOGETHER)
 PICTURE_ROWS = 4
 TILE = 168  # pixels per tile in the picture
 # Rows per predict call, within the pyfunc's per-request limits: rows, and decoded pixels (photos are the largest)
-REQUEST_ROWS = min(preprocessing.MAX_BATCH_ROWS, preprocessing.MAX_REQUEST_PIXELS // np.prod(photos.PHOTO_SIZE))
+REQUEST_ROWS = min(contract.MAX_BATCH_ROWS, contract.MAX_REQUEST_PIXELS // np.prod(photos.PHOTO_SIZE))
 
 
 def frames(images: np.ndarray, seed: int) -> dict[str, list[str] | list]:
@@ -50,7 +47,7 @@ def preprocessing_ms(rows: list[str]) -> float:
     rows = rows[:REQUEST_ROWS]
     frame = pd.DataFrame({"image": rows})
     start = time.perf_counter()
-    preprocessing.decode_rows(preprocessing.open_rows(frame), time.monotonic() + 3600)
+    contract.decode_rows(contract.open_rows(frame), time.monotonic() + 3600)
     return (time.perf_counter() - start) * 1000 / len(rows)
 
 

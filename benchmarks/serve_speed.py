@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,10 +32,8 @@ import numpy as np
 import pandas as pd
 import requests
 
-from fmnist_pyfunc import config, data, preprocessing
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import harness  # noqa: E402  (tests/harness.py: starting and stopping the servers)
+from fmnist_pyfunc import config, contract, data
+from fmnist_testkit import harness
 
 BATCH_SIZES = (1, 32, 256)
 TINY = {"epochs": 1, "max_train_samples": 2000, "width": 32, "val_size": 500}  # the default width: real latency
@@ -76,10 +73,7 @@ def tiny_registry(ds: data.FashionMNIST) -> tuple[str, list[str]]:
 def promote_version(version: str) -> None:
     from fmnist_pyfunc import registry
 
-    client = mlflow.MlflowClient()
-    with registry.stages_quietly():
-        client.transition_model_version_stage(config.REGISTERED_MODEL_NAME, version, "Production",
-                                              archive_existing_versions=True)
+    registry.crown(version)
 
 
 def swap_benchmark(args, ds: data.FashionMNIST) -> None:
@@ -93,24 +87,17 @@ def swap_benchmark(args, ds: data.FashionMNIST) -> None:
         phases.insert(1, (f"entrypoints.serve of {args.baseline_checkout.name}", args.baseline_checkout))
     for name, checkout in phases:
         port = harness.free_port()
-        env = harness.child_env(MLFLOW_TRACKING_URI=uri)
-        if name.startswith("plain"):
-            command = ["mlflow", "models", "serve", "-m", config.PRODUCTION_MODEL_URI, "--env-manager", "local",
-                       "-h", config.LOOPBACK, "-p", str(port)]
-        else:
-            command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port)
+        env = harness.child_env(uri)
+        command = (harness.plain_mlflow_command if name.startswith("plain") else harness.scoring_command)(
+            config.PRODUCTION_MODEL_URI, config.LOOPBACK, port)
         if checkout:  # an older checkout's server, e.g. `git worktree add /tmp/before <commit>`
             env["PYTHONPATH"] = str(checkout)
-        server = harness.start(command, env, f"http://127.0.0.1:{port}/ping", logs / f"{port}.log",
-                               cwd=checkout)
-        try:
+        with harness.running(command, env, f"http://127.0.0.1:{port}/ping", logs / f"{port}.log", cwd=checkout):
             session, url = requests.Session(), f"http://127.0.0.1:{port}/invocations"
             results[name] = time_calls(lambda s=session, u=url: s.post(u, json=body, timeout=60).raise_for_status(),
                                        args.requests)
             if name == "entrypoints.serve, steady":
                 results["entrypoints.serve, during swaps"], swaps = during_swaps(session, url, body, versions, args)
-        finally:
-            harness.stop(server)
     baseline = np.median(results["plain mlflow models serve"])
     for name, samples in results.items():
         print(f"{name:32s} {percentiles(samples)} | p50 x{np.median(samples) / baseline:.2f} of plain MLflow")
@@ -157,21 +144,12 @@ def main() -> None:
         return swap_benchmark(args, ds)
     images = ds.test_images[:256]
     raw = [{"pixels": img.tolist()} for img in images]
-    png = [{"image": preprocessing.png_base64(img)} for img in images]
+    png = [{"image": contract.png_base64(img)} for img in images]
 
-    port, ui_port = harness.free_port(), harness.free_port()
     logs = Path(tempfile.mkdtemp(prefix="fmnist-serve-speed-"))
-    scoring = harness.scoring_command(args.model_uri, config.LOOPBACK, port)
-    if args.plain_mlflow:
-        scoring = ["mlflow", "models", "serve", "-m", args.model_uri, "--env-manager", "local",
-                   "-h", config.LOOPBACK, "-p", str(port)]
-    server = harness.start(scoring, harness.child_env(), f"http://127.0.0.1:{port}/ping", logs / "serve.log")
-    ui = harness.start(harness.ui_command(config.LOOPBACK, ui_port, workers=1),
-                       harness.child_env(FMNIST_SCORING_URL=f"http://127.0.0.1:{port}"),
-                       f"http://127.0.0.1:{ui_port}/health", logs / "ui.log")
-    try:
-        session = harness.ui_session(f"http://127.0.0.1:{ui_port}")  # as a browser: with the CSRF token
-        url = f"http://127.0.0.1:{port}/invocations"
+    with harness.scoring_and_ui(args.model_uri, harness.child_env(), logs, plain_mlflow=args.plain_mlflow) as pair:
+        session = harness.ui_session(pair.ui_url)  # as a browser: with the CSRF token
+        url = f"{pair.scoring_url}/invocations"
         model = mlflow.pyfunc.load_model(args.model_uri)
 
         def invoke(records):
@@ -186,7 +164,7 @@ def main() -> None:
             local = time_calls(lambda r=records: model.predict(pd.DataFrame(r[:1])), args.requests)
             print(f"single {name:10s}  HTTP {percentiles(http)} | in-process {percentiles(local)} | "
                   f"overhead x{np.median(http) / np.median(local):.1f}")
-        ui_times = time_calls(lambda: session.post(f"http://127.0.0.1:{ui_port}/predict", timeout=60,
+        ui_times = time_calls(lambda: session.post(f"{pair.ui_url}/predict", timeout=60,
                                                    files=[("files", ("a.png", png_bytes, "image/png"))]),
                               args.requests)
         direct = time_calls(lambda: invoke(png[:1]), args.requests)
@@ -198,9 +176,6 @@ def main() -> None:
                 local = time_calls(lambda r=records, b=batch: model.predict(pd.DataFrame(r[:b])), args.batch_repeats)
                 print(f"batch {batch:3d} {name:10s}  HTTP {batch / np.median(http):8.0f} img/s | in-process "
                       f"{batch / np.median(local):8.0f} img/s | overhead x{np.median(http) / np.median(local):.1f}")
-    finally:
-        harness.stop(ui)
-        harness.stop(server)
 
 
 if __name__ == "__main__":

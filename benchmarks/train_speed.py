@@ -49,10 +49,7 @@ def _fit(make_batches, steps_per_epoch: int, cfg: dict, x_val, y_val, target: fl
     training.seed_everything(cfg["seed"])
     model = models.build(cfg["arch"], cfg["width"], cfg["depth"], cfg["dropout"])
     model = model.to(memory_format=models.memory_format(cfg["arch"]))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=training.MOMENTUM, nesterov=True,
-                                weight_decay=cfg["weight_decay"])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], pct_start=training.WARMUP_FRACTION,
-                                                   total_steps=cfg["epochs"] * steps_per_epoch)
+    optimizer, schedule = training.optimiser(model, cfg, steps_per_epoch)
     epoch_seconds, time_to_target, elapsed, val_acc = [], None, 0.0, 0.0
     for _ in range(cfg["epochs"]):
         model.train()

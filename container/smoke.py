@@ -12,26 +12,21 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import requests
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import build  # noqa: E402  (container/build.py: the engine and its settings)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import harness  # noqa: E402  (tests/harness.py: a browser-like UI client)
-
 from fmnist_pyfunc import config, data  # noqa: E402
-from fmnist_pyfunc.preprocessing import png_base64  # noqa: E402
+from fmnist_testkit import harness  # noqa: E402
+from fmnist_testkit.images import rows_of_each_kind  # noqa: E402
 
 N_IMAGES = 16            # real test images per input kind: the UI's per-request limit
 APP_UID = 10001          # the Dockerfile's `useradd --uid`
@@ -53,23 +48,12 @@ def check(ok: bool, what: str) -> None:
     print(f"ok   {what}", flush=True)
 
 
-def photo_jpeg(pixels: np.ndarray) -> str:
-    """A dataset image as a phone would send it: dark garment on a light, tinted background, upscaled, JPEG."""
-    light = Image.fromarray(255 - pixels).resize((PHOTO_SIZE, PHOTO_SIZE), Image.Resampling.BICUBIC)
-    tinted = Image.merge("RGB", [light, light.point(lambda v: v * 0.95), light.point(lambda v: v * 0.9)])
-    buffer = io.BytesIO()
-    tinted.save(buffer, "JPEG", quality=85)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def inputs_and_expected(export: Path) -> tuple[dict[str, list[dict]], dict[str, list[int]]]:
     """Each input kind's records, and the classes the exported model gives them in this process."""
     import mlflow  # here: the check of a running image needs only requests
 
     images = data.load().test_images[:N_IMAGES]
-    records = {"pixels": [{"pixels": img.tolist()} for img in images],
-               "png": [{"image": png_base64(img)} for img in images],
-               "jpeg": [{"image": photo_jpeg(img)} for img in images]}
+    records = rows_of_each_kind(images, PHOTO_SIZE)
     model = mlflow.pyfunc.load_model(str(export / "model"))
     expected = {kind: model.predict(pd.DataFrame(rows))["class_index"].tolist() for kind, rows in records.items()}
     return records, expected

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from fmnist_pyfunc import config
-from fmnist_pyfunc.registry import EXPORT_MODEL_DIR
+from fmnist_pyfunc.export import EXPORT_MODEL_DIR
 
 POLL_S = 0.5
 STOP_TIMEOUT_S = 20   # SIGTERM grace per child before SIGKILL (docker stop waits 10 s, then kills us anyway)

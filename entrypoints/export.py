@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fmnist_pyfunc import cli, registry
+from fmnist_pyfunc import cli, export, registry
 
 DEFAULT_OUTPUT = "export"
 
@@ -20,10 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cli.use_tracking_store()
     try:
-        info = registry.export_production(Path(args.output))
+        info = export.export_production(Path(args.output))
     except registry.PromotionError as exc:
         parser.error(str(exc))
-    print(f"exported {info['name']} v{info['version']} ({info['stage']}) to {args.output}/{registry.EXPORT_MODEL_DIR}")
+    print(f"exported {info['name']} v{info['version']} ({info['stage']}) to {args.output}/{export.EXPORT_MODEL_DIR}")
     return 0
 
 

@@ -12,7 +12,7 @@ import sys
 
 import mlflow
 
-from fmnist_pyfunc import cli, data, registry
+from fmnist_pyfunc import cli, data, promotion, registry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     cli.use_tracking_store()
     try:
-        run_id = args.run_id or registry.best_run(args.experiment, args.parent_run_id or None)
+        run_id = args.run_id or promotion.best_run(args.experiment, args.parent_run_id or None)
         cli.use_experiment(args.experiment)
         with mlflow.start_run(run_name="promote"):
             mlflow.log_params({"candidate_run_id": run_id, "force_promotion": args.force})
-            decision = registry.promote(run_id, dataset, force=args.force)
-            registry.log_decision(decision)
+            decision = promotion.promote(run_id, dataset, force=args.force)
+            promotion.log_decision(decision)
     except registry.PromotionError as exc:
         parser.error(str(exc))
     print(decision.summary())

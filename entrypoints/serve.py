@@ -23,7 +23,7 @@ import uvicorn
 from mlflow.exceptions import MlflowException
 
 from fmnist_pyfunc import cli, config
-from fmnist_pyfunc.preprocessing import MAX_BODY_BYTES
+from fmnist_pyfunc.transport import MAX_BODY_BYTES
 
 DEFAULT_HOST = config.LOOPBACK  # exposing the server is a decision, made with --host
 # Each worker holds the model (~10 MB) and uses ~2 threads of inference: one per 2 cores.
@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     except (MlflowException, OSError, LookupError) as exc:
         parser.error(f"cannot load {args.model_uri} ({str(exc).splitlines()[0]}); "
                      "train and promote a model first: make train promote")
-    os.environ.update({scoring.MODEL_URI_ENV: args.model_uri, scoring.MODEL_PATH_ENV: model_path,
-                       scoring.MODEL_VERSION_ENV: version or "", scoring.INTERVAL_ENV: str(args.follow_interval_s),
-                       scoring.TRIGGER_ENV: str(state / "reload"), scoring.MAX_BODY_ENV: str(args.max_body_bytes)})
+    os.environ.update(scoring.Settings(args.model_uri, model_path, version, args.follow_interval_s,
+                                       str(state / "reload"), args.max_body_bytes).to_env())
     try:
         uvicorn.run("fmnist_pyfunc.scoring:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers)

@@ -18,7 +18,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 
-from fmnist_pyfunc import cli, config, data, registry, sweep
+from fmnist_pyfunc import cli, config, data, promotion, sweep
 
 # What a dead PostgreSQL (Optuna's storage) or tracking server surfaces as, from Optuna, SQLAlchemy or requests.
 LOST_BACKEND_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
@@ -84,8 +84,8 @@ def sweep_and_promote(args: argparse.Namespace, dataset: data.FashionMNIST) -> i
         if not promoter:  # several workers share the study: the one that ran its last trial promotes
             print("[sweep] another worker finishes this study and promotes its best trial")
         elif args.promote:
-            decision = registry.promote(best_run_id, dataset)
-            registry.log_decision(decision)
+            decision = promotion.promote(best_run_id, dataset)
+            promotion.log_decision(decision)
             print(decision.summary())
     return 0
 

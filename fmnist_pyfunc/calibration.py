@@ -1,8 +1,9 @@
 """Honest probabilities: temperature scaling (Guo et al., 2017) fitted on the validation split.
 
-Label smoothing trains the network to be under-confident (right 93 % of the time at 83 % mean
-confidence). Dividing the logits by one temperature T, fitted to minimise the validation negative
-log-likelihood, fixes the confidence and leaves every prediction (the argmax) unchanged.
+Label smoothing trains the network to be under-confident: its mean confidence is well below its accuracy
+(docs/training.md, Honest probabilities, gives both). Dividing the logits by one temperature T, fitted to
+minimise the validation negative log-likelihood, fixes the confidence and leaves every prediction (the
+argmax) unchanged.
 """
 
 from __future__ import annotations

@@ -6,24 +6,25 @@
 
 TRAIN_DEFAULTS = {
     # --- model ---
-    "arch": "resnet2",        # "resnet2" (conv-pool-BN-ReLU stages, each + a residual conv): +0.14 pt test, +0.14 pt
-                              # validation over "resnet" (no residual conv at 14x14; mean of 4 seeds) for ~13 % more
-                              # time per step; "cnn" (the plain CNN before both) or "mlp" (fully connected baseline)
+    "arch": "resnet2",        # "resnet2" (conv-pool-BN-ReLU stages, each + a residual conv): better than "resnet"
+                              # (no residual conv at 14x14) on validation and test over 4 seeds, for a little more
+                              # time per step (docs/training.md, The model); "cnn" (the plain CNN before both) or
+                              # "mlp" (fully connected baseline)
     "width": 32,              # channels of the first conv stage, doubled per stage (cnn); hidden units (mlp)
     "depth": 3,               # conv stages, each halving resolution 28 -> 14 -> 7 -> 3 (cnn); hidden layers (mlp)
-    "dropout": 0.0,           # before the classifier; 14 epochs leave the network underfitting, so none: 0.1
-                              # lost 0.2 pt validation and 0.1-0.3 pt test on two seeds (0.2: -0.6 pt test)
+    "dropout": 0.0,           # before the classifier; 14 epochs leave the network underfitting, so none (0.1 and
+                              # 0.2 lost accuracy: docs/training.md)
     # --- optimisation ---
-    "epochs": 14,             # full passes over the 55k training split; ~17 s each on a 2-core CPU with native bf16
+    "epochs": 14,             # full passes over the 55k training split (time per machine: docs/benchmarks.md)
     "batch_size": 256,        # large enough for BLAS efficiency on CPU, small enough for ~200 steps/epoch
-    "lr": 0.2,                # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum 0.9); for
-                              # resnet 0.2 beat 0.1 by 0.2 pt test (0.3: no better)
+    "lr": 0.2,                # peak learning rate of the one-cycle schedule (SGD, Nesterov momentum 0.9); 0.2
+                              # beat 0.1, and 0.3 was no better (docs/training.md)
     "weight_decay": 5e-4,     # L2 on all weights; standard for SGD-trained small CNNs
     "label_smoothing": 0.1,   # shirt/T-shirt/pullover labels are genuinely ambiguous; soft targets help
     "augment": "photo",       # "none", "flip", "shift", "flip_shift" (+ up to 2 px translation: underfits in 14
-                              # epochs, 92.3 % vs 93.4 % test) or "photo" (flip, and for 30 % of each batch the
-                              # tilt, scale, shift and shadow that photos keep after preprocessing: photos read
-                              # 95-98 % as well as raw pixels instead of 86-97 %, for -0.14 pt clean test)
+                              # epochs) or "photo" (flip, and for 30 % of each batch the tilt, scale, shift and
+                              # shadow that photos keep after preprocessing: photos then read nearly as well as
+                              # raw pixels, for a slight loss on clean test images; docs/training.md)
     "tta": True,              # average predictions over the image and its mirror at evaluation and serving
     "patience": 0,            # early stopping: epochs without a val-accuracy gain before stopping (0 = off)
     # --- data and reproducibility ---
@@ -32,7 +33,8 @@ TRAIN_DEFAULTS = {
     "seed": 0,                # seeds the split, initialisation, shuffling and augmentation
     "device": "auto",         # "auto" (CUDA when available), "cpu" or "cuda"
     "precision": "auto",      # "auto": bf16 autocast where the device computes bf16 natively (CUDA, CPUs with
-                              # AVX512-BF16/AMX: 1.55-1.64x faster), fp32 elsewhere (emulated bf16 is ~2x slower)
+                              # AVX512-BF16/AMX: faster at the same accuracy), fp32 elsewhere (emulated bf16 is
+                              # slower than fp32); docs/training.md, Precision
 }
 
 ARCHS = ("resnet2", "resnet", "cnn", "mlp")

@@ -19,9 +19,9 @@ BATCH_SIZE = 1000
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 natively. On a 2-core AVX512-BF16 Xeon, bf16 autocast halved inference
-    time (54 vs 101 ms for 512 images) and trained 1.64x faster; where bf16 is emulated (AVX512 without
-    BF16, AVX2) it is ~2x slower than fp32 (docs/benchmarks.md), so fp32 is kept there."""
+    """Whether `device` computes bf16 natively. Where it does, bf16 autocast trains and infers faster at the
+    same accuracy; where bf16 is emulated (AVX512 without BF16, AVX2) it is slower than fp32, so fp32 is kept
+    there (figures per machine: docs/benchmarks.md)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)

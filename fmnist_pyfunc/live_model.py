@@ -27,7 +27,7 @@ from mlflow.models import Model
 from mlflow.pyfunc import scoring_server
 from mlflow.tracking import MlflowClient
 
-from fmnist_pyfunc import metrics, registry
+from fmnist_pyfunc import export, metrics, registry
 from fmnist_pyfunc.config import FOLLOW_INTERVAL_S
 
 TRIGGER_POLL_S = 0.5        # how often a worker looks for a reload request from another worker
@@ -87,7 +87,7 @@ def registered_info(name: str, version: str) -> dict:
 def fixed_info(uri: str, path: str) -> dict:
     """What is known of a model outside the registry: its run, and for the image's export (a folder with
     `model_info.json` beside it) the registered version it was exported from."""
-    exported = Path(path).parent / registry.EXPORT_INFO_FILE
+    exported = Path(path).parent / export.EXPORT_INFO_FILE
     if Path(uri).is_dir() and exported.is_file():
         return json.loads(exported.read_text())
     return {"name": uri, "version": None, "run_id": Model.load(path).run_id}

@@ -22,7 +22,8 @@ from prometheus_client import (
 )
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# Single images take ~3 ms, batches of 256 ~100 ms, a slow upstream up to the UI's 10 s timeout.
+# From a single image (milliseconds) through a full batch (a large fraction of a second) to a slow upstream at
+# the UI's 10 s timeout.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 OTHER_ROUTE = "other"  # unknown paths share one label: a scanner must not create one time series per URL
 

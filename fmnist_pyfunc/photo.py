@@ -10,7 +10,8 @@ one, what is brighter. The garment's extent is where that contrast rises above b
 the border) and a share of the garment's own contrast (a soft shadow stays below it). Transparent cut-outs
 need no model: they are placed on black or white, the one their fringe shows they were cut from.
 
-numpy and Pillow only; ~2-4 ms per image at WORK_SIDE (preprocessing.py) on our 2-core CPU.
+numpy and Pillow only; a few milliseconds per image at WORK_SIDE (contract.py): docs/benchmarks.md, Photos as
+people take them.
 """
 
 from __future__ import annotations

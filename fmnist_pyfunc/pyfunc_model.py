@@ -5,7 +5,7 @@ weights are a plain state dict read with `torch.load(weights_only=True)`.
 
 JSON contract of `/invocations` (one row per image, exactly one of the two columns per row):
     {"dataframe_records": [{"pixels": [[0, 0, ...28 values], ...28 rows]},
-                           {"image": "<base64 PNG, JPEG, WebP, GIF, BMP or AVIF>"}]}
+                           {"image": "<base64 image in one of contract.FORMATS>"}]}
 Response: {"predictions": [{"class_index": 9, "class_name": "Ankle boot", "probabilities": [...10]}]}
 With "params": {"return_seen": true}, each prediction also carries "seen": the 28x28 image classified.
 """
@@ -24,13 +24,13 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from fmnist_pyfunc import inference, models, preprocessing
+from fmnist_pyfunc import admission, contract, inference, models
 from fmnist_pyfunc.config import CLASS_NAMES
 
 WEIGHTS_ARTIFACT = "weights"        # state dict, torch.save format
 CONFIG_ARTIFACT = "model_config"    # JSON: arch, width, depth, dropout, tta, temperature
 # `pixels` is AnyType: MLflow's Array(Array(double)) rejects integer pixels and checks every value in
-# Python (~250 ms for 256 images); our own checks in `preprocessing` are vectorised and say more.
+# Python (~250 ms for 256 images); our own checks in `contract` are vectorised and say more.
 RETURN_SEEN_PARAM = "return_seen"  # off by default: 784 numbers more per row in every answer
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec(AnyType(), "pixels", required=False), ColSpec(DataType.string, "image", required=False)]),
@@ -55,17 +55,17 @@ class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """Classify each row; with params {"return_seen": true} also return `seen`, the 28x28 image (0-255)
         the network classified after preprocessing."""
-        deadline = time.monotonic() + preprocessing.MAX_REQUEST_SECONDS
+        deadline = time.monotonic() + contract.MAX_REQUEST_SECONDS
         try:
-            rows = preprocessing.open_rows(model_input)
-            with preprocessing.admitted(preprocessing.decoded_pixels(rows)):
-                batch = preprocessing.decode_rows(rows, deadline)
+            rows = contract.open_rows(model_input)
+            with admission.admitted(contract.decoded_pixels(rows)):
+                batch = contract.decode_rows(rows, deadline)
                 probabilities = self.predict_proba(batch)
-        except preprocessing.InputError as exc:
+        except contract.InputError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
-        except preprocessing.Busy as exc:
+        except admission.Busy as exc:
             raise MlflowException(str(exc), error_code=RESOURCE_EXHAUSTED) from None
-        except preprocessing.DeadlineExceeded as exc:
+        except contract.DeadlineExceeded as exc:
             raise MlflowException(str(exc), error_code=DEADLINE_EXCEEDED) from None
         indices = probabilities.argmax(1)
         answer = pd.DataFrame({

@@ -43,16 +43,14 @@ class Preset:
 
 PRESETS = {
     # Longer and wider than `train`, which is already tuned for 14 epochs at width 32 (sweeping around it found
-    # nothing better). On a 2-core CPU with native bf16, width 48 for 24 epochs reached 94.53 % test (mean of
-    # seeds 0-3, 94.43-94.73 %) in 12.2-14.7 min; width 32 for 40 epochs 94.13 % (10.4 min), width 64 for 16
-    # epochs 94.32 % (14.4 min). Trial 0 is width 48. A trial started before the deadline runs to its end, so a
-    # second one starts only if trial 0 took under 14 min: ~30 min in all at most there; a CPU without bf16 runs
-    # trial 0 alone.
+    # nothing better). Width bought more than epochs (docs/training.md, Sweep and promotion, has the runs), so
+    # trial 0 is width 48. A trial started before the deadline runs to its end: a second one starts only if
+    # trial 0 ended before it.
     "default": Preset(n_trials=8, timeout_minutes=14, fixed={"epochs": 24}, widths=(32, 40, 48),
                       first_trial_changes={"width": 48},
                       description="24 epochs: width, batch size, lr, weight decay, label smoothing, dropout, "
                                   "augmentation"),
-    # Demos and CI: 3 epochs on a 10k-image slice, ~10 s a trial (the defaults are not tuned for this budget).
+    # Demos and CI: 3 epochs on a 10k-image slice, seconds a trial (the defaults are not tuned for this budget).
     "quick": Preset(n_trials=6, timeout_minutes=5, fixed={"epochs": 3, "max_train_samples": 10000, "val_size": 1000},
                     widths=(8, 16), first_trial_changes=None,
                     description="small CNNs on a 10k-image slice, 3 epochs"),

@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 import torch
 
-from fmnist_pyfunc import calibration, data, models, preprocessing, reporting, training
+from fmnist_pyfunc import calibration, contract, data, models, reporting, training
 from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
@@ -41,7 +41,7 @@ def input_example(dataset: data.FashionMNIST) -> pd.DataFrame:
     """Both input kinds of the JSON contract, built from real test images."""
     return pd.DataFrame([
         {"pixels": dataset.test_images[0].tolist(), "image": None},
-        {"pixels": None, "image": preprocessing.png_base64(dataset.test_images[1])},
+        {"pixels": None, "image": contract.png_base64(dataset.test_images[1])},
     ])
 
 

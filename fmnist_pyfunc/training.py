@@ -71,6 +71,15 @@ def test_scores(result: TrainResult, dataset: data.FashionMNIST, tta: bool) -> t
     return scores(logits, dataset.test_labels), scores(logits, dataset.test_labels, result.temperature)
 
 
+def optimiser(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):
+    """SGD with Nesterov momentum and the one-cycle schedule over the whole run (stepped once per batch)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=MOMENTUM, nesterov=True,
+                                weight_decay=cfg["weight_decay"])
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], pct_start=WARMUP_FRACTION,
+                                                   total_steps=cfg["epochs"] * steps_per_epoch)
+    return optimizer, schedule
+
+
 def train(cfg: dict, dataset: data.FashionMNIST,
           on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
     """Train on the stratified training split; select the epoch with the best validation accuracy."""
@@ -93,10 +102,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
         raise ValueError(f"{cfg['epochs']} epoch(s) of {steps_per_epoch} batch(es) of {batch_size} are fewer than "
                          f"the {MIN_STEPS} steps the one-cycle schedule needs: raise epochs or the training samples, "
                          "or lower batch_size")
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=MOMENTUM, nesterov=True,
-                                weight_decay=cfg["weight_decay"])
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg["lr"], pct_start=WARMUP_FRACTION,
-                                                   total_steps=cfg["epochs"] * steps_per_epoch)
+    optimizer, schedule = optimiser(model, cfg, steps_per_epoch)
     aug_generator = torch.Generator(device=device).manual_seed(cfg["seed"])
 
     result = TrainResult(model=model, device=device, bf16=bf16)
@@ -122,7 +128,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
             correct += (logits.argmax(1) == y_train[idx]).sum()
 
         # Each epoch scores the image alone (no mirror average): enough to compare epochs, at half the cost
-        # (1.25 vs 2.94 s an epoch here, ~5 % of training). The chosen epoch is scored as served once, below.
+        # (docs/benchmarks.md). The chosen epoch is scored as served once, below.
         val = scores(inference.logits(model, x_val, tta=False, bf16=bf16), y_val)
         metrics = {
             "train_loss": loss_sum.item() / steps_per_epoch,

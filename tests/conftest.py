@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import harness
 import mlflow
-import numpy as np
 import pytest
-from harness import free_port, start, stop
-from PIL import Image
 
 from fmnist_pyfunc import config
+from fmnist_testkit import harness
+from fmnist_testkit.harness import child_env, free_port, start, stop
 
 REPO = Path(__file__).resolve().parents[1]
 # The smallest training run that still exercises every code path: ~20 s on 2 CPU cores.
@@ -39,7 +35,7 @@ def pytest_configure(config):
 
 # The longest test files, longest first (docs/reliability.md gives their costs): started first, so that no
 # worker picks one up when the others are nearly done. Everything else follows in file order.
-LONGEST_FIRST = ("test_image.py", "test_team.py", "test_sweep.py", "test_faults.py", "test_live_serving.py",
+LONGEST_FIRST = ("test_container_image.py", "test_team.py", "test_sweep.py", "test_faults.py", "test_live_serving.py",
                  "test_browser.py", "test_train_e2e.py", "test_registry.py")
 
 
@@ -78,17 +74,6 @@ def private_store(tmp_path, tracking_uri) -> str:
     mlflow.set_tracking_uri(tracking_uri)
 
 
-# Set by mlflow.set_experiment/start_run in this process; a child process must choose its own.
-INHERITED_MLFLOW_VARS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
-
-
-def project_env(tracking_uri: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in INHERITED_MLFLOW_VARS}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return env
-
-
 def mlflow_run(entry_point: str, params: dict, tracking_uri: str, experiment: str, cwd: Path,
                check: bool = True) -> subprocess.CompletedProcess:
     """`mlflow run . -e <entry_point> --env-manager local -P k=v ...` as a user types it."""
@@ -96,7 +81,7 @@ def mlflow_run(entry_point: str, params: dict, tracking_uri: str, experiment: st
                "--env-manager", "local", "--experiment-name", experiment]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
-    result = subprocess.run(command, cwd=cwd, env=project_env(tracking_uri), capture_output=True, text=True,
+    result = subprocess.run(command, cwd=cwd, env=child_env(tracking_uri), capture_output=True, text=True,
                             timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
@@ -112,36 +97,7 @@ def trained_run(tracking_uri, tmp_path_factory):
     return runs[0]
 
 
-def encode(image: Image.Image, fmt: str = "PNG", **save_args) -> str:
-    """A Pillow image as base64 PNG/JPEG/..., as the JSON contract carries it."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def upscaled(pixels: np.ndarray, size: int = 300) -> Image.Image:
-    """A dataset image the size of a photo."""
-    return Image.fromarray(pixels).resize((size, size), Image.Resampling.BICUBIC)
-
-
-MAX_SHIFT = 2  # re-centring a trimmed garment may move it by a pixel or two; that is not a difference
-
-
-def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """Pixel correlation of two 28x28 images, at the best alignment within +-MAX_SHIFT pixels."""
-    shifts = range(-MAX_SHIFT, MAX_SHIFT + 1)
-    return max(float(np.corrcoef(np.roll(a, (dy, dx), axis=(0, 1)).ravel(), b.ravel())[0, 1])
-               for dy in shifts for dx in shifts)
-
-
-def exif_rotated_jpeg(pixels: np.ndarray) -> str:
-    """Stored turned 90 degrees anticlockwise, with the EXIF orientation (6) that says "turn clockwise to view"."""
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return encode(upscaled(pixels).rotate(90, expand=True), "JPEG", quality=95, exif=exif.tobytes())
-
-
-# --- servers: the real scoring server and the UI, started once per test session ---
+# --- servers: the real scoring server and the UI, started once per test worker ---
 
 BIN = harness.BIN
 
@@ -149,9 +105,9 @@ BIN = harness.BIN
 @pytest.fixture(scope="session")
 def production(trained_run, dataset):
     """The tiny trained model, promoted to Production (forced: other tests may have promoted others)."""
-    from fmnist_pyfunc import registry
+    from fmnist_pyfunc import promotion, registry
 
-    decision = registry.promote(trained_run.info.run_id, dataset, force=True)
+    decision = promotion.promote(trained_run.info.run_id, dataset, force=True)
     assert registry.current_production() == decision.version
     return decision.version
 
@@ -160,7 +116,7 @@ def production(trained_run, dataset):
 def scoring_server(production, tracking_uri, tmp_path_factory):
     """The scoring server process (`python -m entrypoints.serve`, as `make serve`) and its URL."""
     port = free_port()
-    env = project_env(tracking_uri)
+    env = child_env(tracking_uri)
     env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the model must load without unpickling
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     process = start(harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port), env,
@@ -178,7 +134,7 @@ def scoring_url(scoring_server) -> str:
 def ui_server(scoring_url, tracking_uri, tmp_path_factory):
     """The UI process (gunicorn, as `make ui`) in front of the session's scoring server, and its URL."""
     port = free_port()
-    env = project_env(tracking_uri)
+    env = child_env(tracking_uri)
     env["FMNIST_SCORING_URL"] = scoring_url
     log = tmp_path_factory.mktemp("ui") / "ui.log"
     process = start(harness.ui_command(config.LOOPBACK, port, workers=1), env, f"http://127.0.0.1:{port}/health", log)

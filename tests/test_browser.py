@@ -5,10 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import REPO
 from playwright.sync_api import expect, sync_playwright
 
-from fmnist_pyfunc.preprocessing import png_base64
+from fmnist_pyfunc.contract import png_base64
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: Playwright cannot download browsers here
@@ -30,18 +31,21 @@ def page():
 
 
 def test_upload_shows_prediction_and_chart(page, ui_url, dataset, tmp_path):
-    """In a real browser, uploading a test image shows a card with the class, its probability, ten bars, the
-    28x28 image the model saw and the version that answered, under a header naming the served model and a
-    healthy scoring server."""
+    """In a real browser, uploading a test image shows a card with the class the served model gives that image
+    (as the UI's JSON API answers it) and its probability, ten bars, the 28x28 image the model saw and the
+    version that answered, under a header naming the served model and a healthy scoring server."""
+    png = png_base64(dataset.test_images[0])
+    answer = requests.post(f"{ui_url}/predict", json={"images": [png]}, timeout=60)
+    expected = answer.json()["results"][0]["class_name"]
     image = tmp_path / "ankle_boot.png"
-    image.write_bytes(base64.b64decode(png_base64(dataset.test_images[0])))  # test image 0 is an ankle boot
+    image.write_bytes(base64.b64decode(png))  # test image 0 is an ankle boot
     page.goto(ui_url)
     expect(page.locator("#health")).to_have_text("scoring server: ok")
     expect(page.locator("#model-info")).to_contain_text("fashion-mnist-cnn v")
     page.set_input_files("#files", str(image))
     card = page.locator(".card").first
     expect(card).to_be_visible(timeout=30_000)
-    expect(card.locator(".prediction")).to_contain_text("%")
+    expect(card.locator(".prediction")).to_contain_text(re.compile(rf"^{re.escape(expected)} \(\d+\.\d %\)"))
     expect(card.locator(".bar-row")).to_have_count(10)
     expect(card.locator(".answered-by")).to_have_text(re.compile(r"answered by fashion-mnist-cnn v\d+$"))
     seen = card.locator("img.seen")  # what the model classified, 28x28, beside the upload

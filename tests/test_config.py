@@ -7,7 +7,7 @@ import yaml
 from conftest import REPO
 
 from entrypoints import train
-from fmnist_pyfunc import cli, config
+from fmnist_pyfunc import cli, config, contract
 
 
 def _cli_defaults() -> dict:
@@ -62,3 +62,15 @@ def test_validate_rejects_bad_values_with_their_name(bad):
 def test_validate_fills_defaults():
     """A partial config is completed from TRAIN_DEFAULTS and keeps what was given."""
     assert config.validate({"epochs": 2}) == {**config.TRAIN_DEFAULTS, "epochs": 2}
+
+
+def test_the_accepted_formats_are_named_once_and_the_docs_agree():
+    """contract.FORMATS is the one list: the formats Pillow may open, the message, the UI's media types and
+    the docs' list of the `image` input all follow it."""
+    assert tuple(contract.FORMATS) == contract.ALLOWED_FORMATS
+    names = [name for name, _ in contract.FORMATS.values()]
+    assert f"{', '.join(names[:-1])} or {names[-1]}" == contract.ACCEPTED
+    assert contract.MEDIA_TYPES.split(",") == [media for _, media in contract.FORMATS.values()]
+    image_line = next(line for line in (REPO / "docs/serving.md").read_text().splitlines()
+                      if line.startswith("* `image`:"))
+    assert all(name in image_line for name in names), image_line

@@ -7,18 +7,18 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 
-import harness
 import mlflow
 import optuna
 import pytest
 import requests
 import sqlalchemy
-from conftest import TINY_TRAIN, mlflow_run, project_env
+from conftest import TINY_TRAIN, mlflow_run
 
-from fmnist_pyfunc import config, data, registry, sweep
-from fmnist_pyfunc.preprocessing import png_base64
+from fmnist_pyfunc import config, data, promotion, promotion_lock, registry, sweep
+from fmnist_pyfunc.contract import png_base64
+from fmnist_testkit import harness
+from fmnist_testkit.harness import child_env
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(
     UI answers 200 without a restart."""
     port = harness.free_port()
     scoring_url = f"http://127.0.0.1:{port}"
-    env = project_env(tracking_uri)
+    env = child_env(tracking_uri)
 
     def start_scoring(name: str):
         return harness.start(harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port), env,
@@ -61,18 +61,6 @@ def test_ui_answers_503_while_the_scoring_server_is_down_and_recovers_by_itself(
         harness.stop(scoring)
 
 
-def _stages() -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        versions = mlflow.MlflowClient().search_model_versions(f"name = '{config.REGISTERED_MODEL_NAME}'")
-    return {str(v.version): v.current_stage for v in versions}
-
-
-def _champion() -> str:
-    client = mlflow.MlflowClient()
-    return str(client.get_model_version_by_alias(config.REGISTERED_MODEL_NAME, registry.CHAMPION_ALIAS).version)
-
-
 def test_two_promotions_at_once_leave_exactly_one_champion(private_store, tmp_path):
     """Two `promote` processes started together on different runs, without --force: they take turns (the
     registry lock), so the first finds Production empty and the second's gate compares against the first's
@@ -83,7 +71,7 @@ def test_two_promotions_at_once_leave_exactly_one_champion(private_store, tmp_pa
                    tmp_path)
     run_ids = [r.info.run_id for r in mlflow.search_runs(experiment_names=["race"], output_format="list")]
     promoters = [subprocess.Popen([sys.executable, "-m", "entrypoints.promote", "--run-id", run_id],
-                                  cwd=tmp_path, env=project_env(private_store),
+                                  cwd=tmp_path, env=child_env(private_store),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for run_id in run_ids]
     outputs = [p.communicate(timeout=600)[0] for p in promoters]
@@ -92,11 +80,11 @@ def test_two_promotions_at_once_leave_exactly_one_champion(private_store, tmp_pa
     first_version = re.search(r"fashion-mnist-cnn v(\d+): PROMOTED", first).group(1)
     second = outputs[1 - outputs.index(first)]
     assert f"vs champion v{first_version} " in second, second  # the gate saw the first promotion
-    stages = _stages()
+    stages = registry.stages()
     assert sorted(stages.values()) in (["Archived", "Production"], ["None", "Production"]), stages
-    assert stages[_champion()] == "Production"
+    assert stages[registry.champion()] == "Production"
     assert (stages[first_version] == "Production") == ("NOT promoted" in second)
-    assert not mlflow.MlflowClient().search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
+    assert not mlflow.MlflowClient().search_registered_models(f"name = '{promotion_lock.LOCK_MODEL_NAME}'")
 
 
 def test_a_promotion_killed_half_way_is_repaired_by_the_next(private_store, tmp_path, dataset):
@@ -105,23 +93,22 @@ def test_a_promotion_killed_half_way_is_repaired_by_the_next(private_store, tmp_
     mlflow_run("train", {**TINY_TRAIN, "epochs": "1"}, private_store, "half", tmp_path)
     run_id = mlflow.search_runs(experiment_names=["half"], output_format="list")[0].info.run_id
     version = registry.register(run_id)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with registry.stages_quietly():
         mlflow.MlflowClient().transition_model_version_stage(config.REGISTERED_MODEL_NAME, version, "Production")
-    decision = registry.promote(run_id, dataset)
-    assert not decision.promoted and _stages()[version] == "Production" and _champion() == version
+    decision = promotion.promote(run_id, dataset)
+    assert not decision.promoted and registry.stages()[version] == "Production" and registry.champion() == version
 
 
 def test_a_stale_promotion_lock_is_taken_over(private_store, monkeypatch):
     """A promoter killed while holding the lock does not block promotions for ever."""
     client = mlflow.MlflowClient()
-    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed-1"})
-    monkeypatch.setattr(registry, "LOCK_WAIT_S", 5)
-    with registry.promotion_lock():
-        holder = client.get_registered_model(registry.LOCK_MODEL_NAME).tags["holder"]
+    client.create_registered_model(promotion_lock.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed-1"})
+    monkeypatch.setattr(promotion_lock, "LOCK_WAIT_S", 5)
+    with promotion_lock.promotion_lock():
+        holder = client.get_registered_model(promotion_lock.LOCK_MODEL_NAME).tags["holder"]
         assert holder != "killed-1"
-    assert not client.search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
-    assert client.get_registered_model(f"{registry.LOCK_MODEL_NAME}.taken-over.killed-1")
+    assert not client.search_registered_models(f"name = '{promotion_lock.LOCK_MODEL_NAME}'")
+    assert client.get_registered_model(f"{promotion_lock.LOCK_MODEL_NAME}.taken-over.killed-1")
 
 
 def test_two_waiters_that_saw_the_same_stale_lock_take_it_over_once(private_store):
@@ -129,14 +116,14 @@ def test_two_waiters_that_saw_the_same_stale_lock_take_it_over_once(private_stor
     its own; B, acting late on what it saw, must fail rather than move A's lock; and a promoter whose lock was
     taken over does not delete its successor's on release."""
     client = mlflow.MlflowClient()
-    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed-1"})
-    assert registry.take_over(client, "killed-1")
-    client.create_registered_model(registry.LOCK_MODEL_NAME, tags={"since": str(time.time()), "holder": "a"})
-    assert not registry.take_over(client, "killed-1")
-    registry._release(client, "killed-1")
-    assert client.get_registered_model(registry.LOCK_MODEL_NAME).tags["holder"] == "a"
-    registry._release(client, "a")
-    assert not client.search_registered_models(f"name = '{registry.LOCK_MODEL_NAME}'")
+    client.create_registered_model(promotion_lock.LOCK_MODEL_NAME, tags={"since": "0", "holder": "killed-1"})
+    assert promotion_lock.take_over(client, "killed-1")
+    client.create_registered_model(promotion_lock.LOCK_MODEL_NAME, tags={"since": str(time.time()), "holder": "a"})
+    assert not promotion_lock.take_over(client, "killed-1")
+    promotion_lock.release(client, "killed-1")
+    assert client.get_registered_model(promotion_lock.LOCK_MODEL_NAME).tags["holder"] == "a"
+    promotion_lock.release(client, "a")
+    assert not client.search_registered_models(f"name = '{promotion_lock.LOCK_MODEL_NAME}'")
 
 
 @pytest.mark.parametrize("entry_point, params, words", [
@@ -168,7 +155,7 @@ def test_a_broken_dataset_is_reported_before_any_run(tracking_uri, tmp_path, dat
         victim.unlink()
     else:
         victim.write_bytes(gzip.compress(b"\x00" * 100))
-    env = {**project_env(tracking_uri), data.DATA_DIR_ENV: str(folder)}
+    env = {**child_env(tracking_uri), data.DATA_DIR_ENV: str(folder)}
     result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--experiment", f"broken-{damage}"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and victim.name in result.stderr and "Traceback" not in result.stderr

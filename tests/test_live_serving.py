@@ -8,13 +8,15 @@ import re
 import threading
 import time
 
-import harness
 import mlflow
+import numpy as np
+import pandas as pd
 import pytest
 import requests
 
 from fmnist_pyfunc import config, live_model, metrics, registry, scoring, tracking
 from fmnist_pyfunc.pyfunc_model import WEIGHTS_ARTIFACT
+from fmnist_testkit import harness
 
 pytestmark = pytest.mark.e2e
 
@@ -22,15 +24,11 @@ NAME = config.REGISTERED_MODEL_NAME
 FOLLOW_S = 1.0           # the servers under test re-resolve Production this often
 POLL_S = 0.2             # between two looks at /health or /metrics while waiting for a worker
 SWITCH_DEADLINE_S = 30   # a download and load of a tiny model takes ~1-2 s; generous for a busy CI machine
+# A promotion reaches every worker within one follow interval plus a download and load of the new version;
+# the load's allowance covers a CI machine whose cores are shared with other test workers.
+LOAD_ALLOWANCE_S = 15
+UI_MODEL_CACHE_S = 5     # the UI caches /model this long (webui/app.py)
 TINY = {"epochs": 1, "max_train_samples": 2000, "width": 8, "val_size": 500}
-
-
-def _promote(version: str) -> None:
-    """What promote does once its gate has passed: Production (older ones Archived) and the alias."""
-    client = mlflow.MlflowClient()
-    with registry.stages_quietly():
-        client.transition_model_version_stage(NAME, version, "Production", archive_existing_versions=True)
-    client.set_registered_model_alias(NAME, registry.CHAMPION_ALIAS, version)
 
 
 def _broken_version(good_version: str, tmp_path) -> str:
@@ -54,7 +52,7 @@ def store(tmp_path_factory, tracking_uri, dataset):
     for seed in (0, 1):
         run_id = tracking.run_training(config.validate({**TINY, "seed": seed}), dataset, progress=False)
         versions.append(str(mlflow.register_model(mlflow.get_run(run_id).data.tags["model_uri"], NAME).version))
-    _promote(versions[0])
+    registry.crown(versions[0])
     yield uri, versions, root
     mlflow.set_tracking_uri(tracking_uri)
 
@@ -63,22 +61,15 @@ def store(tmp_path_factory, tracking_uri, dataset):
 def servers(store):
     """A scoring server with two workers following Production every FOLLOW_S, and the UI in front of it."""
     uri, _, root = store
-    env = harness.child_env(MLFLOW_TRACKING_URI=uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
-    port, ui_port = harness.free_port(), harness.free_port()
-    command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port, workers=2)
-    scoring_process = harness.start(command + ["--follow-interval-s", str(FOLLOW_S)], env,
-                                    f"http://127.0.0.1:{port}/ping", root / "serve.log")
-    ui_process = harness.start(harness.ui_command(config.LOOPBACK, ui_port, workers=2),
-                               {**env, "FMNIST_SCORING_URL": f"http://127.0.0.1:{port}"},
-                               f"http://127.0.0.1:{ui_port}/health", root / "ui.log")
-    yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{ui_port}"
-    harness.stop(ui_process)
-    harness.stop(scoring_process)
+    env = harness.child_env(uri, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
+    with harness.scoring_and_ui(config.PRODUCTION_MODEL_URI, env, root, scoring_workers=2, ui_workers=2,
+                                scoring_args=("--follow-interval-s", str(FOLLOW_S))) as pair:
+        yield pair.scoring_url, pair.ui_url
 
 
 class Client(threading.Thread):
-    """Scores one image after another until stopped; keeps every answer's status and X-Model-Version. Its
-    session keeps one connection alive, so one worker answers all of its requests."""
+    """Scores one image after another until stopped; keeps every answer's status, X-Model-Version and the
+    probabilities it gave. Its session keeps one connection alive, so one worker answers all of its requests."""
 
     def __init__(self, url: str, pixels: list):
         super().__init__(daemon=True)
@@ -89,19 +80,38 @@ class Client(threading.Thread):
             while self.running:
                 try:
                     response = session.post(f"{self.url}/invocations", json=self.body, timeout=30)
-                    self.answers.append((response.status_code, response.headers.get("X-Model-Version")))
+                    probabilities = (response.json()["predictions"][0]["probabilities"]
+                                     if response.status_code == 200 else None)
+                    self.answers.append((response.status_code, response.headers.get("X-Model-Version"),
+                                         probabilities))
                 except requests.RequestException as exc:
-                    self.answers.append((type(exc).__name__, None))
+                    self.answers.append((type(exc).__name__, None, None))
 
     def wait_for(self, version: str, timeout_s: float = SWITCH_DEADLINE_S) -> float:
         """Seconds until the last 20 answers all came from `version`."""
         started = time.time()
         while time.time() - started < timeout_s:
             recent = self.answers[-20:]
-            if len(recent) == 20 and all(v == version for _, v in recent):
+            if len(recent) == 20 and all(v == version for _, v, _ in recent):
                 return time.time() - started
             time.sleep(0.2)
-        raise AssertionError(f"still answering {sorted(set(v for _, v in self.answers[-20:]))}, not v{version}")
+        raise AssertionError(f"still answering {sorted(set(v for _, v, _ in self.answers[-20:]))}, not v{version}")
+
+    def versions(self) -> list:
+        return [version for _, version, _ in self.answers]
+
+
+def _expected_probabilities(versions: list[str], pixels) -> dict[str, list[float]]:
+    """What each version answers for `pixels` in this process."""
+    frame = pd.DataFrame({"pixels": [pixels]})
+    return {v: mlflow.pyfunc.load_model(f"models:/{NAME}/{v}").predict(frame)["probabilities"][0] for v in versions}
+
+
+def _answers_match_their_versions(client: Client, expected: dict[str, list[float]]) -> None:
+    """Every answer is the answer of the version its header names: the switch is in the model, not the label."""
+    assert len({tuple(np.round(p, 4)) for p in expected.values()}) == len(expected), "versions must differ"
+    for status, version, probabilities in client.answers:
+        assert status == 200 and np.allclose(probabilities, expected[version], atol=1e-5), version
 
 
 def _metric(url: str, name: str, **labels) -> float:
@@ -115,32 +125,45 @@ def _metric(url: str, name: str, **labels) -> float:
     return total
 
 
-def _until(fetch, done, failure: str):
-    """The first value of fetch() that is done(), within SWITCH_DEADLINE_S."""
-    deadline = time.time() + SWITCH_DEADLINE_S
+def _until(fetch, done, failure: str, timeout_s: float = SWITCH_DEADLINE_S):
+    """The first value of fetch() that is done(), within `timeout_s`."""
+    deadline = time.time() + timeout_s
     while not done(value := fetch()):
         assert time.time() < deadline, failure
         time.sleep(POLL_S)
     return value
 
 
+def _serving(url: str, version: str) -> None:
+    """Until both workers serve `version` (whatever an earlier test left in Production)."""
+    _until(lambda: _metric(url, "fmnist_model_info", version=version), lambda workers: workers >= 2,
+           f"the workers never both served v{version}")
+
+
 def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, store, dataset):
-    """While a client scores continuously, promoting v2 switches both workers' answers to v2 within the follow
-    interval (plus a load), with zero failed requests; /model and the UI name the version that answered."""
+    """While a client scores continuously, promoting v2 switches both workers' answers to v2's answers (not
+    only their header) within the follow interval plus a load, with zero failed requests; /model and the UI
+    name the version that answered."""
     scoring_url, ui_url = servers
     _, (v1, v2), _ = store
-    client = Client(scoring_url, dataset.test_images[0].tolist())
+    registry.crown(v1)
+    _serving(scoring_url, v1)
+    reloads_before = _metric(scoring_url, "fmnist_model_reloads_total")
+    pixels = dataset.test_images[0].tolist()
+    client = Client(scoring_url, pixels)
     client.start()
     try:
         client.wait_for(v1)
-        _promote(v2)
+        registry.crown(v2)
         took = client.wait_for(v2)
     finally:
         client.running = False
         client.join()
-    statuses = [status for status, _ in client.answers]
+    statuses = [status for status, _, _ in client.answers]
     assert statuses.count(200) == len(statuses) >= 40, sorted(set(map(str, statuses)))  # two windows of 20
-    versions = [v for _, v in client.answers]
+    _answers_match_their_versions(client, _expected_probabilities([v1, v2], pixels))
+    assert took <= FOLLOW_S + LOAD_ALLOWANCE_S, f"the switch took {took:.1f} s"
+    versions = client.versions()
     # A reconnecting client could reach the other worker, which may lag by one follow interval.
     assert versions[versions.index(v2):].count(v1) <= 2 * 20, "a worker went back to v1"
     _until(lambda: _metric(scoring_url, "fmnist_model_info", version=v2), lambda workers: workers >= 2,
@@ -151,9 +174,9 @@ def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, stor
     assert registry.CHAMPION_ALIAS in info["aliases"] and info["signature"]["inputs"] and info["loaded_at"]
     answer = requests.post(f"{ui_url}/predict", json={"images": [_png(dataset)]}, timeout=30).json()
     assert answer["model"]["version"] == v2 and answer["model"]["name"] == NAME and answer["model"]["run_id"]
-    time.sleep(5.5)  # past the UI's cache of /model
-    assert requests.get(f"{ui_url}/model_info", timeout=10).json()["version"] == v2
-    assert _metric(scoring_url, "fmnist_model_reloads_total") == 2  # each of the two workers, once
+    _until(lambda: requests.get(f"{ui_url}/model_info", timeout=10).json()["version"], lambda v: v == v2,
+           "the UI's header never named v2", timeout_s=UI_MODEL_CACHE_S + SWITCH_DEADLINE_S)
+    assert _metric(scoring_url, "fmnist_model_reloads_total") - reloads_before == 2  # each worker, once
     assert _metric(scoring_url, "fmnist_model_info", version=v2) == 2
 
 
@@ -169,24 +192,29 @@ def test_a_broken_version_is_refused_and_a_rollback_is_followed(servers, store, 
     degraded and why, the failure is counted; promoting v1 again (a rollback) is followed and heals /health."""
     scoring_url, _ = servers
     _, (v1, v2), _ = store
+    registry.crown(v2)
+    _serving(scoring_url, v2)
+    failures_before = _metric(scoring_url, "fmnist_model_reload_failures_total")
     broken = _broken_version(v2, tmp_path)
-    client = Client(scoring_url, dataset.test_images[1].tolist())
+    pixels = dataset.test_images[1].tolist()
+    client = Client(scoring_url, pixels)
     client.start()
     try:
-        _promote(broken)
+        registry.crown(broken)
         health = _first_health(scoring_url, "degraded", "never reported the broken version")
         assert f"v{broken} is not served" in health["reason"] and health["model"]["version"] == v2
         forced = requests.post(f"{scoring_url}/reload", timeout=60)  # asking again does not make it load
         assert forced.status_code == 200 and forced.json()["status"] == "degraded"
-        time.sleep(2 * FOLLOW_S)
-        assert {v for _, v in client.answers} == {v2}
-        assert _metric(scoring_url, "fmnist_model_reload_failures_total") >= 2  # both workers refused it
-        _promote(v1)
+        _until(lambda: _metric(scoring_url, "fmnist_model_reload_failures_total") - failures_before,
+               lambda refused: refused >= 2, "a worker never refused the broken version")  # both workers
+        assert set(client.versions()) == {v2}
+        registry.crown(v1)
         client.wait_for(v1)
     finally:
         client.running = False
         client.join()
-    assert all(status == 200 for status, _ in client.answers)
+    assert all(status == 200 for status, _, _ in client.answers)
+    _answers_match_their_versions(client, _expected_probabilities([v1, v2], pixels))
     _first_health(scoring_url, "ok", "still degraded after the rollback")
 
 
@@ -224,7 +252,9 @@ def test_metrics_count_the_requests_sent(servers, dataset):
     assert requests.post(f"{scoring_url}/invocations", json=bad, timeout=30).status_code == 400
     for i in range(3):  # each one image, scored through the scoring server
         assert requests.post(f"{ui_url}/predict", json={"images": [_png(dataset, i)]}, timeout=30).status_code == 200
-    time.sleep(1)  # rows and classes are counted after each answer has gone out
+    # Rows and classes are counted after each answer has gone out: wait until the last of them is.
+    _until(lambda: _counts(urls)["classes"] - before["classes"], lambda counted: counted >= 15 + 3,
+           "the scored rows were never counted")
     after = _counts(urls)
     moved = {key: after[key] - before[key] for key in COUNTED}
     assert {k: moved[k] for k in ("ok", "bad", "images", "pixels", "classes", "ui")} == {
@@ -233,7 +263,7 @@ def test_metrics_count_the_requests_sent(servers, dataset):
 
 
 def _png(dataset, index: int = 0) -> str:
-    from fmnist_pyfunc.preprocessing import png_base64
+    from fmnist_pyfunc.contract import png_base64
 
     return png_base64(dataset.test_images[index])
 

@@ -1,14 +1,14 @@
-"""Casual photos of real test garments (tests/photos.py) become what the network was trained on: the 28x28
+"""Casual photos of real test garments (fmnist_testkit/photos.py) become what the network was trained on: the 28x28
 image preprocessing makes of each resembles the garment's own test image, effect by effect."""
 
 import base64
 
 import numpy as np
-import photos
 import pytest
-from conftest import correlation
 
-from fmnist_pyfunc import preprocessing
+from fmnist_pyfunc import contract
+from fmnist_testkit import photos
+from fmnist_testkit.images import correlation
 
 SAMPLE = 30  # test images per effect: ~0.3 s each, enough for a stable mean
 
@@ -21,7 +21,7 @@ FLOORS = {"centred": 0.8, "off_centre": 0.8, "shadow": 0.7, "rotated": 0.6, "deg
 
 def _seen(image) -> np.ndarray:
     encoded = base64.b64decode(photos.encoded(image))
-    return preprocessing.image_to_array(preprocessing.open_image(encoded, "photo"))
+    return contract.image_to_array(contract.open_image(encoded, "photo"))
 
 
 @pytest.mark.parametrize("effect", FLOORS)

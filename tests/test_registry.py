@@ -1,12 +1,11 @@
 """The promotion gate: better challengers win, worse ones do not, --force overrides, old versions archive."""
 
-import warnings
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fmnist_pyfunc import config, registry, tracking
+from fmnist_pyfunc import config, promotion, registry, tracking
 
 pytestmark = pytest.mark.e2e
 NAME = config.REGISTERED_MODEL_NAME
@@ -30,34 +29,29 @@ def runs(own_store, dataset):
             for name, cfg in (("weak", WEAK), ("strong", STRONG))}
 
 
-def _stage(version: str) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return MlflowClient().get_model_version(NAME, version).current_stage
-
-
 def test_gate(runs, dataset):
-    """Strong first, then weak (rejected), then weak with force (promoted, strong archived); idempotent."""
+    """Strong first, then weak (rejected), then weak with force (promoted, strong archived), then strong again
+    without force (better than the champion: promoted back); idempotent."""
     client = MlflowClient()
-    first = registry.promote(runs["strong"], dataset)
+    first = promotion.promote(runs["strong"], dataset)
     assert first.promoted and registry.current_production() == first.version
     assert str(client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version) == first.version
 
-    rejected = registry.promote(runs["weak"], dataset)
+    rejected = promotion.promote(runs["weak"], dataset)
     assert not rejected.promoted
     assert rejected.challenger_accuracy < rejected.champion_accuracy
-    assert registry.current_production() == first.version and _stage(rejected.version) == "None"
+    assert registry.current_production() == first.version and registry.stages()[rejected.version] == "None"
 
-    again = registry.promote(runs["strong"], dataset)
+    again = promotion.promote(runs["strong"], dataset)
     assert not again.promoted and again.version == first.version and "already" in again.reason
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 2  # nothing registered twice
 
-    forced = registry.promote(runs["weak"], dataset, force=True)
+    forced = promotion.promote(runs["weak"], dataset, force=True)
     assert forced.promoted and forced.version == rejected.version
-    assert _stage(first.version) == registry.ARCHIVED and _stage(forced.version) == registry.PRODUCTION
+    stages = registry.stages()
+    assert stages[first.version] == registry.ARCHIVED and stages[forced.version] == registry.PRODUCTION
     assert str(client.get_model_version_by_alias(NAME, registry.CHAMPION_ALIAS).version) == forced.version
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with registry.stages_quietly():
         loaded = mlflow.pyfunc.load_model(f"models:/{NAME}/Production")
     assert loaded.metadata.run_id == runs["weak"]
 
@@ -65,13 +59,21 @@ def test_gate(runs, dataset):
     assert {"val_accuracy", "test_accuracy", "run_id", "git_commit", "data_checksum"} <= set(version.tags)
     assert "test accuracy" in version.description
 
+    back = promotion.promote(runs["strong"], dataset)
+    assert back.promoted and back.version == first.version and back.champion_version == forced.version
+    assert back.challenger_accuracy > back.champion_accuracy
+    stages = registry.stages()
+    assert stages[first.version] == registry.PRODUCTION and stages[forced.version] == registry.ARCHIVED
+    assert registry.champion() == first.version
+
 
 def test_best_run_is_chosen_by_validation_accuracy(runs):
-    """best_run() ranks an experiment's finished runs by validation accuracy, never test accuracy."""
-    assert registry.best_run("gate") == runs["strong"]
+    """best_run() picks the strong run of the two trained ones (test_promotion checks the ranking itself on
+    runs whose validation and test rankings disagree)."""
+    assert promotion.best_run("gate") == runs["strong"]
 
 
-def test_unknown_run_is_a_clear_error(runs, dataset):
+def test_unknown_run_is_a_clear_error(private_store, dataset):
     """Promoting a run id that does not exist is a PromotionError saying so."""
     with pytest.raises(registry.PromotionError, match="not found"):
-        registry.promote("0123456789abcdef", dataset)
+        promotion.promote("0123456789abcdef", dataset)

@@ -8,47 +8,34 @@ import socket
 import struct
 import zlib
 
-import harness
 import numpy as np
 import pytest
 import requests
-from conftest import REPO, correlation, encode, exif_rotated_jpeg, project_env, upscaled
+from conftest import REPO
 from PIL import Image
 
 from entrypoints import container, serve
-from fmnist_pyfunc import config, preprocessing
-from fmnist_pyfunc.preprocessing import png_base64
+from fmnist_pyfunc import config, contract, transport
+from fmnist_pyfunc.contract import png_base64
+from fmnist_testkit import harness
+from fmnist_testkit.harness import child_env
+from fmnist_testkit.images import b64, correlation, exif_rotated_jpeg, image_bytes, records, upscaled
 from webui import app as ui
 
 pytestmark = pytest.mark.e2e
 LEAKS = ("Traceback", "stack_trace", 'File "')  # what must never reach a client
 
 
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode()
-
-
-def _records(*rows: dict, params: dict | None = None) -> bytes:
-    body = {"dataframe_records": list(rows)}
-    if params is not None:
-        body["params"] = params
-    return json.dumps(body).encode()
-
-
 def _pixels(value) -> bytes:
-    return _records({"pixels": value})
+    return records({"pixels": value})
 
 
 def _image(raw: bytes) -> bytes:
-    return _records({"image": _b64(raw)})
-
-
-def _encoded(image: Image.Image, fmt: str, **save_args) -> bytes:
-    return base64.b64decode(encode(image, fmt, **save_args))
+    return records({"image": b64(raw)})
 
 
 def _truncated_jpeg() -> bytes:
-    whole = _encoded(upscaled(np.full((28, 28), 128, np.uint8)), "JPEG")
+    whole = image_bytes(upscaled(np.full((28, 28), 128, np.uint8)), "JPEG")
     return whole[: len(whole) // 2]
 
 
@@ -61,7 +48,7 @@ BAD_REQUESTS = {  # name: (body, status, words the message must contain)
     "unknown key": (json.dumps({"records": [{"pixels": ZEROS}]}).encode(), 400, "exactly one of the input fields"),
     "two keys": (json.dumps({"dataframe_records": [{"pixels": ZEROS}], "inputs": [ZEROS]}).encode(), 400,
                  "exactly one of the input fields"),
-    "only unknown fields": (_records({"weights": 1}), 400, "with 'pixels' or 'image'"),
+    "only unknown fields": (records({"weights": 1}), 400, "with 'pixels' or 'image'"),
     "27x28": (_pixels(np.zeros((27, 28), int).tolist()), 400, "shape (28, 28), got (27, 28)"),
     "flat 784": (_pixels([0] * 784), 400, "shape (28, 28), got (784,)"),
     "3-D colour": (_pixels(np.zeros((28, 28, 3), int).tolist()), 400, "shape (28, 28), got (28, 28, 3)"),
@@ -71,22 +58,22 @@ BAD_REQUESTS = {  # name: (body, status, words the message must contain)
     "-inf": (_pixels(np.full((28, 28), -np.inf).tolist()), 400, "NaN or infinite"),
     "negative": (_pixels(np.full((28, 28), -1).tolist()), 400, "0..255"),
     "above 255": (_pixels(np.full((28, 28), 256).tolist()), 400, "0..255"),
-    "empty batch": (_records(), 400, "empty batch"),
+    "empty batch": (records(), 400, "empty batch"),
     "bare arrays of images": (json.dumps({"inputs": [ZEROS, ZEROS]}).encode(), 400,
                               "Send each image as an object, {\"pixels\""),
-    "batch above maximum": (_records(*[{"pixels": ZEROS}] * (preprocessing.MAX_BATCH_ROWS + 1)), 400,
-                            f"maximum of {preprocessing.MAX_BATCH_ROWS}"),
+    "batch above maximum": (records(*[{"pixels": ZEROS}] * (contract.MAX_BATCH_ROWS + 1)), 400,
+                            f"maximum of {contract.MAX_BATCH_ROWS}"),
     "strings for numbers": (_pixels([["a"] * 28] * 28), 400, "array of numbers"),
     "a string for pixels": (_pixels("hello"), 400, "28x28 array of numbers"),
-    "not base64": (_records({"image": "this is not base64!"}), 400, "not valid base64"),
+    "not base64": (records({"image": "this is not base64!"}), 400, "not valid base64"),
     "not an image": (_image(b"just some bytes, not an image"), 400, "not an image in an accepted format"),
-    "TIFF": (_image(_encoded(Image.new("L", (28, 28)), "TIFF")), 400, "TIFF is not accepted; send PNG, JPEG"),
+    "TIFF": (_image(image_bytes(Image.new("L", (28, 28)), "TIFF")), 400, "TIFF is not accepted; send PNG, JPEG"),
     "SVG": (_image(SVG), 400, "SVG is not accepted"),
     "PDF": (_image(b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\n"), 400, "PDF is not accepted"),
     "truncated JPEG": (_image(_truncated_jpeg()), 400, "truncated or corrupt"),
-    "decompression bomb": (_image(_encoded(Image.new("1", (20000, 20000)), "PNG")), 400, "exceeds"),
-    "body over the limit": (_records({"image": "A" * (preprocessing.MAX_BODY_BYTES + 1)}), 413,
-                            f"exceeds {preprocessing.MAX_BODY_BYTES:,} bytes"),
+    "decompression bomb": (_image(image_bytes(Image.new("1", (20000, 20000)), "PNG")), 400, "exceeds"),
+    "body over the limit": (records({"image": "A" * (transport.MAX_BODY_BYTES + 1)}), 413,
+                            f"exceeds {transport.MAX_BODY_BYTES:,} bytes"),
     "nested 100,000 deep": (b"[" * 100_000 + b"]" * 100_000, 400, "nested 100000 levels deep"),
     "nested deep inside records": (b'{"dataframe_records": [' + b"[" * 5000 + b"]" * 5000 + b"]}", 400,
                                    "levels deep (at most"),
@@ -139,17 +126,17 @@ def test_invocations_refuses_bad_input_clearly_and_keeps_serving(scoring_url, da
 
 
 def _cmyk_jpeg(pixels: np.ndarray) -> bytes:
-    return _encoded(upscaled(255 - pixels).convert("CMYK"), "JPEG", quality=95)
+    return image_bytes(upscaled(255 - pixels).convert("CMYK"), "JPEG", quality=95)
 
 
 def _photo_png(pixels: np.ndarray) -> bytes:
     """The garment in the dataset's tones, photo-sized, as a plain PNG."""
-    return _encoded(upscaled(pixels), "PNG")
+    return image_bytes(upscaled(pixels), "PNG")
 
 
 def _dark_on_white_png(pixels: np.ndarray) -> bytes:
     """The garment as most photos show one, dark on white, photo-sized, as a plain PNG."""
-    return _encoded(upscaled(255 - pixels), "PNG")
+    return image_bytes(upscaled(255 - pixels), "PNG")
 
 
 def _dataset_png(pixels: np.ndarray) -> bytes:
@@ -157,19 +144,19 @@ def _dataset_png(pixels: np.ndarray) -> bytes:
 
 
 UNUSUAL = {  # name: (the test image as people might send it, the same picture as an ordinary PNG)
-    "RGBA cut-out": (lambda p: _encoded(upscaled(np.dstack([255 - p] * 3 + [np.where(p > 0, 255, 0)])
+    "RGBA cut-out": (lambda p: image_bytes(upscaled(np.dstack([255 - p] * 3 + [np.where(p > 0, 255, 0)])
                                                  .astype(np.uint8)), "PNG"), _dark_on_white_png),
-    "palette": (lambda p: _encoded(upscaled(p).convert("P"), "PNG"), _photo_png),
-    "16-bit": (lambda p: _encoded(Image.fromarray(p.astype(np.uint16) * 257), "PNG"), _dataset_png),
+    "palette": (lambda p: image_bytes(upscaled(p).convert("P"), "PNG"), _photo_png),
+    "16-bit": (lambda p: image_bytes(Image.fromarray(p.astype(np.uint16) * 257), "PNG"), _dataset_png),
     "CMYK JPEG": (_cmyk_jpeg, _dark_on_white_png),
     "EXIF-rotated": (lambda p: base64.b64decode(exif_rotated_jpeg(p)), _photo_png),
-    "WebP": (lambda p: _encoded(upscaled(255 - p), "WEBP", quality=90), _dark_on_white_png),
-    "GIF": (lambda p: _encoded(upscaled(255 - p), "GIF"), _dark_on_white_png),
-    "animated GIF": (lambda p: _encoded(upscaled(255 - p), "GIF", save_all=True,
+    "WebP": (lambda p: image_bytes(upscaled(255 - p), "WEBP", quality=90), _dark_on_white_png),
+    "GIF": (lambda p: image_bytes(upscaled(255 - p), "GIF"), _dark_on_white_png),
+    "animated GIF": (lambda p: image_bytes(upscaled(255 - p), "GIF", save_all=True,
                                         append_images=[Image.new("L", (300, 300), 255)], duration=100),
                      _dark_on_white_png),
-    "BMP": (lambda p: _encoded(upscaled(255 - p).convert("RGB"), "BMP"), _dark_on_white_png),
-    "AVIF": (lambda p: _encoded(upscaled(255 - p).convert("RGB"), "AVIF", quality=90), _dark_on_white_png),
+    "BMP": (lambda p: image_bytes(upscaled(255 - p).convert("RGB"), "BMP"), _dark_on_white_png),
+    "AVIF": (lambda p: image_bytes(upscaled(255 - p).convert("RGB"), "AVIF", quality=90), _dark_on_white_png),
 }
 BASE64_AS_PEOPLE_WRITE_IT = {  # name: the standard base64 of an image -> what people send
     "browser data URL": lambda b64: "data:image/png;base64," + b64,
@@ -186,7 +173,7 @@ SAME_PICTURE = 0.85
 
 def _readings(url: str, encoded: list[str], name: str) -> tuple[list[int], list[np.ndarray]]:
     """The class and the 28x28 image the model saw, for each image."""
-    response = _post(url, _records(*[{"image": b64} for b64 in encoded], params={"return_seen": True}))
+    response = _post(url, records(*[{"image": b64} for b64 in encoded], params={"return_seen": True}))
     assert response.status_code == 200, (name, response.text[:300])
     predictions = response.json()["predictions"]
     return [p["class_index"] for p in predictions], [np.array(p["seen"], float) for p in predictions]
@@ -200,9 +187,9 @@ def test_invocations_answers_unusual_but_valid_images_sensibly(scoring_url, data
     valid probabilities. (Against the same picture, not the raw pixels: how a photo-sized picture reads is
     the photo benchmark's business.)"""
     images = dataset.test_images[:N_UNUSUAL]
-    expected = {reference: _readings(scoring_url, [_b64(reference(img)) for img in images], reference.__name__)
+    expected = {reference: _readings(scoring_url, [b64(reference(img)) for img in images], reference.__name__)
                 for reference in {reference for _, reference in UNUSUAL.values()} | {_dataset_png}}
-    cases = {name: ([_b64(variant(img)) for img in images], expected[reference])
+    cases = {name: ([b64(variant(img)) for img in images], expected[reference])
              for name, (variant, reference) in UNUSUAL.items()}
     cases |= {name: ([written(png_base64(img)) for img in images], expected[_dataset_png])
               for name, written in BASE64_AS_PEOPLE_WRITE_IT.items()}
@@ -213,7 +200,7 @@ def test_invocations_answers_unusual_but_valid_images_sensibly(scoring_url, data
                    for a, b, x, y in zip(got_classes, classes, got_seen, seen, strict=True)]
         assert sum(misread) <= MAX_MISREAD, name
     for size in [(1, 1), (10000, 10)]:
-        response = _post(scoring_url, _image(_encoded(Image.new("L", size, 200), "PNG")))
+        response = _post(scoring_url, _image(image_bytes(Image.new("L", size, 200), "PNG")))
         assert response.status_code == 200
         assert abs(sum(response.json()["predictions"][0]["probabilities"]) - 1) < 1e-4
 
@@ -235,11 +222,15 @@ def _form_upload(ui_url: str, files: list[tuple[str, bytes]]) -> requests.Respon
 
 
 def test_ui_upload_size_boundary(ui_url, dataset):
-    """A file of exactly MAX_FILE_BYTES is classified; one byte more is refused with 413."""
+    """A file of exactly MAX_FILE_BYTES is classified as the same image without its padding is; one byte more
+    is refused with 413."""
     at_limit = _png_of_size(dataset.test_images[0], ui.MAX_FILE_BYTES)
     assert len(at_limit) == ui.MAX_FILE_BYTES
+    plain = _form_upload(ui_url, [("plain.png", base64.b64decode(png_base64(dataset.test_images[0])))])
     response = _form_upload(ui_url, [("big.png", at_limit)])
     assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["class_name"] == plain.json()["results"][0]["class_name"]
+    assert response.json()["results"][0]["probability"] == plain.json()["results"][0]["probability"]
     over = _png_of_size(dataset.test_images[0], ui.MAX_FILE_BYTES + 1)
     response = _form_upload(ui_url, [("bigger.png", over)])
     assert response.status_code == 413 and "larger than 5 MiB" in response.json()["message"]
@@ -290,6 +281,12 @@ def test_ui_takes_images_as_people_send_them(ui_url, dataset):
     files = [(f"shoe.{name.lower()}", UNUSUAL[name][0](shoe)) for name in ("WebP", "GIF", "BMP", "AVIF")]
     answer = _form_upload(ui_url, files)
     assert answer.status_code == 200 and len(answer.json()["results"]) == 4, answer.text[:300]
+
+
+def test_ui_page_offers_exactly_the_accepted_formats(ui_url):
+    """The upload page names the formats the model accepts and lets the file picker choose exactly those."""
+    page = requests.get(ui_url, timeout=30).text
+    assert contract.ACCEPTED in page and f'accept="{contract.MEDIA_TYPES}"' in page
 
 
 def test_ui_never_uses_the_client_filename_as_a_path(ui_url, dataset, tmp_path):
@@ -391,7 +388,7 @@ def test_servers_bind_to_loopback_unless_told_otherwise(production, tracking_uri
         exposed.bind(("0.0.0.0", 0))
         exposed.listen()
         socket.create_connection((address, exposed.getsockname()[1]), timeout=2).close()
-    env = {**project_env(tracking_uri), "FMNIST_SCORING_URL": "http://127.0.0.1:1"}
+    env = {**child_env(tracking_uri), "FMNIST_SCORING_URL": "http://127.0.0.1:1"}
     ports = {"entrypoints.serve": harness.free_port(), "entrypoints.ui": harness.free_port()}
     processes = [harness.start([str(harness.BIN / "python"), "-m", module, "--port", str(port)], env,
                                f"http://127.0.0.1:{port}/ping" if module.endswith("serve")
@@ -410,5 +407,5 @@ def test_servers_bind_to_loopback_unless_told_otherwise(production, tracking_uri
 def test_body_limits_fit_each_other():
     """The UI's largest request, base64-encoded for the scoring server, fits under its body limit."""
     largest_scoring_body = ui.MAX_REQUEST_BYTES * 4 / 3 + ui.MAX_FILES * 64  # base64 + JSON per image
-    assert largest_scoring_body < preprocessing.MAX_BODY_BYTES
-    assert preprocessing.MAX_IMAGE_BYTES * 4 / 3 < preprocessing.MAX_BODY_BYTES
+    assert largest_scoring_body < transport.MAX_BODY_BYTES
+    assert contract.MAX_IMAGE_BYTES * 4 / 3 < transport.MAX_BODY_BYTES

@@ -1,26 +1,25 @@
 """Serving end to end: the real scoring server of the Production model, and the UI in front of it."""
 
 import base64
-import io
 import socket
 import subprocess
 import sys
 
-import harness
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import project_env
-from harness import free_port
-from PIL import Image
 
 from fmnist_pyfunc import config
-from fmnist_pyfunc.preprocessing import png_base64
+from fmnist_pyfunc.contract import png_base64
+from fmnist_testkit import harness
+from fmnist_testkit.harness import child_env, free_port
+from fmnist_testkit.images import rows_of_each_kind
 
 pytestmark = pytest.mark.e2e
 N_IMAGES = 300  # real test images checked through each path
+PHOTO_SIDE = 112  # px: the JPEG rows are photo-sized
 
 
 def _invoke(scoring_url: str, records: list[dict]) -> requests.Response:
@@ -31,18 +30,6 @@ def test_server_answers_ping_and_version(scoring_url):
     """The scoring server answers MLflow's /ping and /version."""
     assert requests.get(f"{scoring_url}/ping", timeout=5).status_code == 200
     assert requests.get(f"{scoring_url}/version", timeout=5).text.strip() == mlflow.__version__
-
-
-def _rows_of_each_kind(images: np.ndarray) -> dict[str, list[dict]]:
-    """The same test images as raw pixels, as PNGs and as photo-sized, inverted colour JPEGs."""
-    jpeg = []
-    for img in images:
-        buffer = io.BytesIO()
-        Image.fromarray(255 - img).resize((112, 112)).convert("RGB").save(buffer, "JPEG", quality=90)
-        jpeg.append(base64.b64encode(buffer.getvalue()).decode())
-    return {"pixels": [{"pixels": img.tolist()} for img in images],
-            "png": [{"image": png_base64(img)} for img in images],
-            "jpeg": [{"image": b} for b in jpeg]}
 
 
 def _served_classes(scoring_url: str, rows: list[dict]) -> np.ndarray:
@@ -56,7 +43,7 @@ def test_every_input_kind_through_invocations_matches_in_process_predict(scoring
     images, labels = dataset.test_images[:N_IMAGES], dataset.test_labels[:N_IMAGES]
     model = mlflow.pyfunc.load_model(trained_run.data.tags["model_uri"])
     test_accuracy = trained_run.data.metrics["test_accuracy"]
-    for kind, rows in _rows_of_each_kind(images).items():
+    for kind, rows in rows_of_each_kind(images, PHOTO_SIDE).items():
         predicted = _served_classes(scoring_url, rows)
         expected = model.predict(pd.DataFrame(rows))["class_index"].to_numpy()
         assert np.array_equal(predicted, expected), kind
@@ -70,18 +57,14 @@ def test_plain_mlflow_models_serve_answers_as_our_scoring_server(production, sco
     docs give it, loads the Production model (without unpickling) and answers pixels, PNG and JPEG rows exactly
     as our scoring server does: the model needs none of our server's code."""
     port = free_port()
-    command = [str(harness.BIN / "mlflow"), "models", "serve", "-m", config.PRODUCTION_MODEL_URI,
-               "--env-manager", "local", "--host", config.LOOPBACK, "--port", str(port)]
-    env = project_env(tracking_uri)  # as the scoring_server fixture's, so both serve the same store
+    command = harness.plain_mlflow_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port)
+    env = child_env(tracking_uri)  # as the scoring_server fixture's, so both serve the same store
     env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     plain_url = f"http://{config.LOOPBACK}:{port}"
-    plain = harness.start(command, env, f"{plain_url}/ping", tmp_path / "plain.log")
-    try:
-        for kind, rows in _rows_of_each_kind(dataset.test_images[:N_IMAGES]).items():
+    with harness.running(command, env, f"{plain_url}/ping", tmp_path / "plain.log"):
+        for kind, rows in rows_of_each_kind(dataset.test_images[:N_IMAGES], PHOTO_SIDE).items():
             ours = _served_classes(scoring_url, rows)
             assert np.array_equal(_served_classes(plain_url, rows), ours), kind
-    finally:
-        harness.stop(plain)
 
 
 def test_bad_request_is_400_with_a_clear_message(scoring_url, dataset):

@@ -5,7 +5,7 @@ import asyncio
 import json
 import types
 
-from fmnist_pyfunc import live_model, scoring
+from fmnist_pyfunc import asgi_guards, live_model, scoring
 
 LIMIT = 1000
 
@@ -27,7 +27,7 @@ def _call(headers: list, chunks: list[bytes]) -> tuple[list, list]:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    asyncio.run(scoring.BodyLimit(inner, LIMIT)({"type": "http", "headers": headers}, receive, send))
+    asyncio.run(asgi_guards.BodyLimit(inner, LIMIT)({"type": "http", "headers": headers}, receive, send))
     return sent, seen
 
 
@@ -55,15 +55,15 @@ def test_clean_error_keeps_mlflow_reason_only():
     """Error answers keep MLflow's reason only: no echoed input, no stack trace, at most MAX_ERROR_CHARS."""
     predict_error = {"error_code": "INVALID_PARAMETER_VALUE",
                      "message": "Failed to predict data '   pixels\n0  [[1]]'. \nError: row 0: bad shape"}
-    assert scoring.clean_error(400, json.dumps(predict_error).encode()) == {
+    assert asgi_guards.clean_error(400, json.dumps(predict_error).encode()) == {
         "error_code": "INVALID_PARAMETER_VALUE", "message": "row 0: bad shape"}
     unexpected = {"error_code": "BAD_REQUEST", "message": "Encountered an unexpected error",
                   "stack_trace": "Traceback (most recent call last): ..."}
-    assert "stack_trace" not in scoring.clean_error(400, json.dumps(unexpected).encode())
-    assert scoring.clean_error(504, b"Request processing time exceeded limit") == {
+    assert "stack_trace" not in asgi_guards.clean_error(400, json.dumps(unexpected).encode())
+    assert asgi_guards.clean_error(504, b"Request processing time exceeded limit") == {
         "error_code": "GATEWAY_TIMEOUT", "message": "Request processing time exceeded limit"}
-    long = scoring.clean_error(400, json.dumps({"message": "x" * 10_000}).encode())["message"]
-    assert len(long) == scoring.MAX_ERROR_CHARS + len("...")
+    long = asgi_guards.clean_error(400, json.dumps({"message": "x" * 10_000}).encode())["message"]
+    assert len(long) == asgi_guards.MAX_ERROR_CHARS + len("...")
 
 
 def test_a_worker_past_its_concurrency_cap_answers_429_with_retry_after():
@@ -105,3 +105,15 @@ def test_a_worker_past_its_concurrency_cap_answers_429_with_retry_after():
     assert busy["status"] == 429 and busy["headers"][b"retry-after"] == b"1"
     assert [r["status"] for r in served] == [200] * scoring.MAX_CONCURRENT_REQUESTS and after["status"] == 200
     assert all(r["headers"][b"x-model-name"] == b"m" for r in served)
+
+
+def test_serving_settings_reach_every_worker_whole(monkeypatch):
+    """What serve.py decides (model, download, version, follow interval, reload trigger, body limit) is what
+    each uvicorn worker reads back, through one environment variable."""
+    settings = scoring.Settings("models:/m/Production", "/tmp/model", "7", 2.5, "/tmp/reload", 1234)
+    for name, value in settings.to_env().items():
+        monkeypatch.setenv(name, value)
+    assert scoring.Settings.from_env() == settings
+    unregistered = scoring.Settings("export/model", "export/model")
+    monkeypatch.setenv(scoring.SETTINGS_ENV, unregistered.to_env()[scoring.SETTINGS_ENV])
+    assert scoring.Settings.from_env() == unregistered and unregistered.model_version is None

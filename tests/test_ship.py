@@ -10,14 +10,16 @@ import subprocess
 import sys
 import tomllib
 
+import mlflow
+import pandas as pd
 import pytest
 import requests
 import yaml
-from conftest import BIN, REPO, project_env
-from harness import free_port, wait_until_up
+from conftest import BIN, REPO
 
-from fmnist_pyfunc import config, registry
-from fmnist_pyfunc.preprocessing import png_base64
+from fmnist_pyfunc import config, export
+from fmnist_pyfunc.contract import png_base64
+from fmnist_testkit.harness import child_env, free_port, wait_until_up
 
 NEVER_IN_IMAGE = (".venv", "mlruns", "mlflow.db", "optuna.db", "tests", ".git", "data")
 
@@ -142,19 +144,24 @@ def test_serving_imports_no_training_code():
 
 @pytest.mark.e2e
 def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dataset):
-    """Export is self-contained; the entrypoint serves it and the UI, both answer, both stop on SIGTERM."""
-    registry.export_production(tmp_path / "export")
-    info = json.loads((tmp_path / "export" / registry.EXPORT_INFO_FILE).read_text())
+    """Export is self-contained; the entrypoint serves it and the UI, both answer with the class the exported
+    model gives in this process, both stop on SIGTERM."""
+    export.export_production(tmp_path / "export")
+    info = json.loads((tmp_path / "export" / export.EXPORT_INFO_FILE).read_text())
     assert info["version"] == production and info["stage"] == "Production"
     store = tracking_uri.removeprefix("sqlite:///").rsplit("/", 1)[0]
     for path in (tmp_path / "export").rglob("*"):
         if path.is_file() and path.suffix in (".json", ".yaml", ".txt", "") and path.stat().st_size < 2**20:
             assert store not in path.read_text(errors="ignore"), f"{path} points into the tracking store"
-    mlmodel = (tmp_path / "export" / registry.EXPORT_MODEL_DIR / "MLmodel").read_text()
+    mlmodel = (tmp_path / "export" / export.EXPORT_MODEL_DIR / "MLmodel").read_text()
     assert not re.search(r":\s*/", mlmodel), "MLmodel holds an absolute path"
 
+    exported = mlflow.pyfunc.load_model(str(tmp_path / "export" / export.EXPORT_MODEL_DIR))
+    png = png_base64(dataset.test_images[0])
+    expected = exported.predict(pd.DataFrame([{"pixels": dataset.test_images[0].tolist(), "image": None},
+                                              {"pixels": None, "image": png}]))["class_name"].tolist()
     scoring_port, ui_port = free_port(), free_port()
-    env = {k: v for k, v in project_env(tracking_uri).items() if k != "MLFLOW_TRACKING_URI"}  # no registry
+    env = {k: v for k, v in child_env(tracking_uri).items() if k != "MLFLOW_TRACKING_URI"}  # no registry
     log = tmp_path / "container.log"
     process = subprocess.Popen([sys.executable, "-m", "entrypoints.container", "--export", str(tmp_path / "export"),
                                 "--scoring-port", str(scoring_port), "--ui-port", str(ui_port), "--ui-workers", "1"],
@@ -164,8 +171,9 @@ def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dat
         body = {"dataframe_records": [{"pixels": dataset.test_images[0].tolist()}]}
         answer = requests.post(f"http://127.0.0.1:{scoring_port}/invocations", json=body, timeout=30)
         assert answer.status_code == 200 and answer.headers["X-Model-Version"] == production  # from model_info.json
-        api_body = {"images": [png_base64(dataset.test_images[0])]}
-        assert requests.post(f"http://127.0.0.1:{ui_port}/predict", json=api_body, timeout=30).status_code == 200
+        assert answer.json()["predictions"][0]["class_name"] == expected[0]
+        ui_answer = requests.post(f"http://127.0.0.1:{ui_port}/predict", json={"images": [png]}, timeout=30)
+        assert ui_answer.status_code == 200 and ui_answer.json()["results"][0]["class_name"] == expected[1]
         assert requests.get(f"http://127.0.0.1:{ui_port}/model_info", timeout=10).json()["version"] == production
     finally:
         process.send_signal(signal.SIGTERM)
@@ -195,12 +203,37 @@ def _imported_modules(path) -> set[str]:
 
 
 def test_the_library_imports_neither_its_clients_nor_the_harness():
-    """fmnist_pyfunc/ is the product: it never imports the entry points, the UI, or the test harness, so
+    """fmnist_pyfunc/ is the product: it never imports the entry points, the UI, or the test kit, so
     there is no import circle and each room can change without the library noticing."""
     for path in sorted((REPO / "fmnist_pyfunc").glob("*.py")):
-        outside = {m for m in _imported_modules(path) if m.split(".")[0] in ("entrypoints", "webui", "harness",
-                                                                              "conftest", "tests", "benchmarks")}
+        outside = {m for m in _imported_modules(path) if m.split(".")[0] in (
+            "entrypoints", "webui", "fmnist_testkit", "harness", "conftest", "tests", "benchmarks")}
         assert not outside, (path.name, outside)
+
+
+def _library_imports(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (`from pkg import a, b` and `from pkg.a import x`)."""
+    graph = {}
+    for path in sorted((REPO / package).glob("*.py")):
+        tree = ast.parse(path.read_text())
+        found = {node.module.split(".")[1] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 and node.module and node.module.startswith(f"{package}.")}
+        found |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                  and node.module == package for alias in node.names}
+        graph[path.stem] = found
+    return graph
+
+
+@pytest.mark.parametrize("package", ["fmnist_pyfunc", "fmnist_testkit"])
+def test_no_module_imports_one_that_imports_it_back(package):
+    """The library's modules form layers: following imports from any module never leads back to it."""
+    graph = _library_imports(package)
+
+    def reaches(start: str, target: str, seen: set) -> bool:
+        return any(m == target or (m not in seen and reaches(m, target, seen | {m})) for m in graph.get(start, ()))
+
+    circles = [name for name in graph if reaches(name, name, set())]
+    assert not circles, circles
 
 
 def test_every_test_states_the_property_it_checks():

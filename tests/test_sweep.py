@@ -4,15 +4,15 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import mlflow
 import optuna
 import pandas as pd
 import pytest
-from conftest import mlflow_run, project_env
+from conftest import mlflow_run
 
-from fmnist_pyfunc import config, sweep
+from fmnist_pyfunc import config, registry, sweep
+from fmnist_testkit.harness import child_env
 
 pytestmark = pytest.mark.e2e
 
@@ -38,8 +38,7 @@ def test_sweep_links_children_and_promotes_the_best(private_store, tmp_path, dat
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "sweep")}
     assert {"sweep/search.png", "sweep/search_space.json", "sweep/trials.json"} <= artifacts
     assert parent.data.tags["promotion.promoted"] == "true"  # an empty registry: the best is promoted
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with registry.stages_quietly():
         model = mlflow.pyfunc.load_model(config.PRODUCTION_MODEL_URI)
     assert model.metadata.run_id == parent.data.tags["best_run_id"]
     frame = pd.DataFrame({"pixels": list(dataset.test_images[:50].astype(float))})
@@ -51,21 +50,13 @@ def _sweep_command(storage: str, n_trials: int) -> list[str]:
             "--storage", storage, "--study", "resume", "--experiment", "e2e-resume"]
 
 
-def _registry_state() -> dict:
-    client = mlflow.MlflowClient()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return {v.version: v.current_stage for v in client.search_model_versions(
-            f"name = '{config.REGISTERED_MODEL_NAME}'")}
-
-
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_interrupted_sweep_resumes_without_losing_trials(private_store, tmp_path, stop):
     """Stopped during trial 1 (Ctrl-C or kill -9): trial 0's run is kept, trial 1 ends failed and its run is not
     left RUNNING, the registry is untouched; the same command completes the budget and then promotes."""
     store = private_store
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    process = subprocess.Popen(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(store),
+    process = subprocess.Popen(_sweep_command(storage, 3), cwd=tmp_path, env=child_env(store),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     for line in process.stdout:
@@ -80,11 +71,11 @@ def test_interrupted_sweep_resumes_without_losing_trials(private_store, tmp_path
     finished_before = {r.info.run_id for r in first
                        if r.info.status == "FINISHED" and "mlflow.parentRunId" in r.data.tags}
     assert len(finished_before) == 1
-    assert _registry_state() == {}
+    assert registry.stages() == {}
     if stop == signal.SIGKILL:  # nothing ran to close trial 1: its heartbeat goes stale after the grace period
         time.sleep(sweep.HEARTBEAT_SECONDS + sweep.GRACE_SECONDS + 1)
 
-    result = subprocess.run(_sweep_command(storage, 3), cwd=tmp_path, env=project_env(store),
+    result = subprocess.run(_sweep_command(storage, 3), cwd=tmp_path, env=child_env(store),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "1 of 3 trials already done" in result.stdout
@@ -94,7 +85,7 @@ def test_interrupted_sweep_resumes_without_losing_trials(private_store, tmp_path
     assert not [r for r in after if r.info.status == "RUNNING"]
     trials = optuna.load_study(study_name="resume", storage=storage).trials
     assert trials[1].state == optuna.trial.TrialState.FAIL
-    assert list(_registry_state().values()) == ["Production"]
+    assert list(registry.stages().values()) == ["Production"]
 
 
 def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tracking_uri, tmp_path, dataset, monkeypatch):

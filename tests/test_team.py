@@ -6,23 +6,24 @@ import shutil
 import subprocess
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-import harness
 import mlflow
 import optuna
 import pandas as pd
 import pytest
 import requests
-from conftest import BIN, REPO, project_env
-from harness import free_port, wait_until_up
+from conftest import BIN, REPO
 
-from fmnist_pyfunc import config, registry
+from fmnist_pyfunc import config, promotion, registry
+from fmnist_testkit import harness
+from fmnist_testkit.harness import child_env, free_port, wait_until_up
 
 pytestmark = pytest.mark.e2e
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 BUDGET = 4  # trials in the shared study
+N_CHECKED = 200           # test images the promoted model must classify
+BETTER_THAN_CHANCE = 0.5  # accuracy on them: chance is 0.1, a quick-preset model ~0.8
 
 
 class Postgres:
@@ -77,7 +78,7 @@ def tracking_server(postgres, tracking_uri):
     port = free_port()
     root = Path(tempfile.mkdtemp(prefix="fmnist-artifacts-"))
     log = root / "server.log"
-    env = {**project_env(tracking_uri), "MLFLOW_TRACKING_ADMIN_PASSWORD": ADMIN_PASSWORD,
+    env = {**child_env(tracking_uri), "MLFLOW_TRACKING_ADMIN_PASSWORD": ADMIN_PASSWORD,
            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key"}
     process = subprocess.Popen([str(BIN / "python"), "-m", "entrypoints.tracking_server",
                                 "--backend-store-uri", postgres.url("mlflow"), "--state-dir", str(root / "auth"),
@@ -125,7 +126,7 @@ def _worker(postgres, tracking_url: str, cwd: Path, study: str) -> subprocess.Po
                "team", "-P", "preset=quick", "-P", f"n_trials={BUDGET}", "-P", f"storage={postgres.url('optuna')}",
                "-P", f"study={study}"]
     # Fewer HTTP retries than MLflow's default (7, exponential backoff): the outage test waits on them.
-    env = dict(project_env(tracking_url), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
+    env = dict(child_env(tracking_url), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
@@ -168,11 +169,11 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
     assert sum("PROMOTED" in o or "NOT promoted" in o or "already in Production" in o for o in outputs) == 1
     assert sum("another worker finishes this study and promotes" in o for o in outputs) == 1
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+    with registry.stages_quietly():
         model = mlflow.pyfunc.load_model(config.PRODUCTION_MODEL_URI)
-    frame = pd.DataFrame({"pixels": [img.tolist() for img in dataset.test_images[:20]]})
-    assert len(model.predict(frame)) == 20
+    frame = pd.DataFrame({"pixels": [img.tolist() for img in dataset.test_images[:N_CHECKED]]})
+    classes = model.predict(frame)["class_index"].to_numpy()
+    assert len(classes) == N_CHECKED and (classes == dataset.test_labels[:N_CHECKED]).mean() > BETTER_THAN_CHANCE
     scores = {r.info.run_id: r.data.metrics["best_val_accuracy"] for r in children if r.info.status == "FINISHED"}
     assert scores[model.metadata.run_id] == max(scores.values())  # the best (ties on 1,000 val images happen)
 
@@ -180,13 +181,13 @@ def test_two_workers_share_one_study_and_promote_once(postgres, tracking_server,
     port = free_port()
     log = tmp_path / "serve.log"
     command = harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port) + ["--follow-interval-s", "1"]
-    server = harness.start(command, project_env(tracking_server), f"http://127.0.0.1:{port}/ping", log)
+    server = harness.start(command, child_env(tracking_server), f"http://127.0.0.1:{port}/ping", log)
     try:
         body = {"dataframe_records": [{"pixels": dataset.test_images[0].tolist()}]}
         served = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=30).headers
         assert served["X-Model-Run-Id"] == model.metadata.run_id
         other = next(run_id for run_id in scores if run_id != model.metadata.run_id)
-        promoted = registry.promote(other, dataset, force=True)
+        promoted = promotion.promote(other, dataset, force=True)
         deadline = time.time() + 60
         while requests.post(f"http://127.0.0.1:{port}/invocations", json=body,
                             timeout=30).headers["X-Model-Version"] != promoted.version:

@@ -8,11 +8,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, mlflow_run, project_env
+from conftest import REPO, mlflow_run
 from mlflow.models import validate_serving_input
 
-from fmnist_pyfunc.config import CLASS_NAMES, TRAIN_DEFAULTS
-from fmnist_pyfunc.preprocessing import png_base64
+from fmnist_pyfunc.config import CLASS_NAMES, SELECTION_METRIC, TRAIN_DEFAULTS
+from fmnist_pyfunc.contract import png_base64
+from fmnist_testkit.harness import child_env
 
 pytestmark = pytest.mark.e2e
 
@@ -37,9 +38,10 @@ def test_run_logs_params_provenance_metrics_and_artifacts(trained_run):
 def test_logged_test_scores_are_what_the_served_model_scores(trained_run, dataset):
     """The run's test_accuracy is exactly the accuracy of its logged pyfunc model on the test set, and its
     test_ece that model's calibration error: training's evaluation and serving are one inference path."""
-    from fmnist_pyfunc import registry
+    from fmnist_pyfunc import promotion
 
-    accuracy, ece = registry.heldout_scores(_model_uri(trained_run), dataset)
+    scores = promotion.heldout_scores(_model_uri(trained_run), dataset)
+    accuracy, ece = scores.accuracy, scores.ece
     assert accuracy == trained_run.data.metrics["test_accuracy"]
     assert ece == pytest.approx(trained_run.data.metrics["test_ece"], abs=1e-6)
 
@@ -84,14 +86,18 @@ def test_serving_input_example_validates_without_pickle(trained_run, monkeypatch
 
 
 def test_contract_json_records(trained_run, dataset):
-    """docs/serving.md's dataframe_records payload, parsed as the scoring server does."""
+    """docs/serving.md's dataframe_records payload, parsed as the scoring server does, is classified as the
+    same rows given to the model directly."""
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
 
     model = mlflow.pyfunc.load_model(_model_uri(trained_run))
     payload = json.loads(json.dumps({"dataframe_records": [{"pixels": dataset.test_images[0].tolist()},
                                                            {"image": png_base64(dataset.test_images[1])}]}))
     out = model.predict(infer_and_parse_data(payload, model.metadata.get_input_schema()))
-    assert len(out) == 2
+    direct = model.predict(pd.DataFrame([{"pixels": dataset.test_images[0].tolist(), "image": None},
+                                         {"pixels": None, "image": png_base64(dataset.test_images[1])}]))
+    assert out["class_index"].tolist() == direct["class_index"].tolist()
+    assert set(out["class_name"]) <= set(CLASS_NAMES) and len(out) == 2
 
 
 def test_bad_input_is_an_mlflow_invalid_parameter_error(trained_run):
@@ -110,14 +116,19 @@ def test_bad_input_is_an_mlflow_invalid_parameter_error(trained_run):
 def test_bad_parameters_fail_fast_without_creating_a_run(tracking_uri, tmp_path, args, message):
     """Bad training parameters exit with code 2 and the reason, before any run is created."""
     result = subprocess.run([sys.executable, "-m", "entrypoints.train", "--experiment", "bad-params", *args],
-                            cwd=tmp_path, env=project_env(tracking_uri), capture_output=True, text=True, timeout=120)
+                            cwd=tmp_path, env=child_env(tracking_uri), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     experiment = mlflow.get_experiment_by_name("bad-params")
     assert experiment is None or not mlflow.search_runs([experiment.experiment_id], output_format="list")
 
 
 def test_promote_entry_point_picks_the_best_run(trained_run, tracking_uri, tmp_path):
-    """`mlflow run . -e promote` with its defaults (empty run_id: the experiment's best run) registers it."""
+    """`mlflow run . -e promote` with its defaults (empty run_id: the experiment's best run) registers the run
+    best on validation, not a finished run beside it that is worse on validation and better on test (it has
+    no model: choosing it would fail)."""
+    metrics = trained_run.data.metrics
+    with mlflow.start_run(experiment_id=trained_run.info.experiment_id, run_name="decoy"):
+        mlflow.log_metrics({SELECTION_METRIC: metrics[SELECTION_METRIC] - 0.01, "test_accuracy": 1.0})
     result = mlflow_run("promote", {"experiment": "e2e-train"}, tracking_uri, "e2e-promote", tmp_path)
     assert "fashion-mnist-cnn v" in result.stdout
     versions = mlflow.MlflowClient().search_model_versions(f"run_id = '{trained_run.info.run_id}'")

@@ -10,7 +10,7 @@ POST /predict takes either
   * the page's form upload (multipart/form-data, field `files`), which must carry the page's CSRF token
     (header X-CSRF-Token or field csrf_token) matching its cookie: a double-submit token. Another site can
     make a browser post a form here, but can neither read the token nor send the SameSite=Strict cookie;
-  * the JSON API, `{"images": ["<base64 PNG/JPEG>", ...]}` with Content-Type application/json, which needs
+  * the JSON API, `{"images": ["<base64 image>", ...]}` with Content-Type application/json, which needs
     no cookie: browsers send JSON across sites only after a CORS preflight, and this app allows none.
 """
 
@@ -31,14 +31,14 @@ import requests
 from flask import Flask, Response, g, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from fmnist_pyfunc import config, metrics, preprocessing  # no torch, no MLflow: numpy, Pillow, prometheus_client
+from fmnist_pyfunc import config, contract, metrics, transport  # no torch, no MLflow: numpy, Pillow, prometheus_client
 from webui import samples
 
 DEFAULT_SCORING_URL = f"http://{config.LOOPBACK}:{config.SCORING_PORT}"
 MAX_FILES = 16                        # images per request: one scoring call, well under its 1,024-row limit
 MAX_FILE_BYTES = 5 * 2**20            # 5 MiB per image: phone photos fit, anything larger is not a photo
 # All files of one request. As base64 (x4/3) they must fit the scoring server's body limit
-# (preprocessing.MAX_BODY_BYTES, 32 MiB): 20 MiB -> 26.7 MiB.
+# (transport.MAX_BODY_BYTES, 32 MiB): 20 MiB -> 26.7 MiB.
 MAX_REQUEST_BYTES = 20 * 2**20
 CSRF_COOKIE = "fmnist_csrf"
 CSRF_HEADER = "X-CSRF-Token"
@@ -62,12 +62,12 @@ def error_answer(status: int, message: str):
 
 
 def _check_image(name: str, payload: bytes) -> None:
-    """Refuse what the model would refuse (not a complete PNG/JPEG, a decompression bomb) before sending it."""
+    """Refuse what the model would refuse (not a complete image, a decompression bomb) before sending it."""
     if len(payload) > MAX_FILE_BYTES:
         raise UploadError(f"{name}: larger than {MAX_FILE_BYTES // 2**20} MiB", 413)
     try:
-        preprocessing.open_image(payload, name)
-    except preprocessing.InputError as exc:
+        contract.open_image(payload, name)
+    except contract.InputError as exc:
         raise UploadError(str(exc)) from None
 
 
@@ -83,15 +83,15 @@ def _check_csrf() -> None:
 
 def _decode(encoded, name: str) -> bytes:
     try:
-        return preprocessing.decode_base64(encoded, name)
-    except preprocessing.InputError as exc:
+        return contract.decode_base64(encoded, name)
+    except contract.InputError as exc:
         raise UploadError(str(exc)) from None
 
 
 def _json_uploads() -> list[tuple[str, Callable[[], bytes]]]:
-    depth = preprocessing.json_depth(request.get_data(cache=True))
-    if depth > preprocessing.MAX_JSON_DEPTH:
-        raise UploadError(f"JSON nested {depth} levels deep (at most {preprocessing.MAX_JSON_DEPTH}): send "
+    depth = transport.json_depth(request.get_data(cache=True))
+    if depth > transport.MAX_JSON_DEPTH:
+        raise UploadError(f"JSON nested {depth} levels deep (at most {transport.MAX_JSON_DEPTH}): send "
                           '{"images": ["<base64 image>", ...]}')
     body = request.get_json(silent=True)
     images = body.get("images") if isinstance(body, dict) else None
@@ -104,7 +104,7 @@ def _json_uploads() -> list[tuple[str, Callable[[], bytes]]]:
 def _form_uploads() -> list[tuple[str, Callable[[], bytes]]]:
     files = [f for f in request.files.getlist("files") if f is not None]
     if not files or all(not f.filename for f in files):
-        raise UploadError(f"no file uploaded: choose one or more images ({preprocessing.ACCEPTED})")
+        raise UploadError(f"no file uploaded: choose one or more images ({contract.ACCEPTED})")
     # The client's filename is only ever echoed back (escaped by the page), never used as a path.
     names = [Path(f.filename or "").name[:100] or f"file {index + 1}" for index, f in enumerate(files)]
     return [(name, partial(f.read, MAX_FILE_BYTES + 1)) for name, f in zip(names, files, strict=True)]
@@ -158,7 +158,7 @@ def _seen_png(prediction: dict) -> str | None:
     seen = prediction.get("seen")
     if seen is None:
         return None
-    return "data:image/png;base64," + preprocessing.png_base64(np.asarray(seen, dtype=np.uint8))
+    return "data:image/png;base64," + contract.png_base64(np.asarray(seen, dtype=np.uint8))
 
 
 def _served_model(session: requests.Session, scoring_url: str) -> dict | None:
@@ -215,7 +215,8 @@ def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTR
     def index():
         token = request.cookies.get(CSRF_COOKIE) or secrets.token_urlsafe(32)
         page = app.make_response(render_template("index.html", samples=gallery, max_files=MAX_FILES,
-                                                 max_file_mib=MAX_FILE_BYTES // 2**20, csrf_token=token))
+                                                 max_file_mib=MAX_FILE_BYTES // 2**20, csrf_token=token,
+                                                 accepted=contract.ACCEPTED, media_types=contract.MEDIA_TYPES))
         page.set_cookie(CSRF_COOKIE, token, httponly=True, samesite="Strict")
         return page
 

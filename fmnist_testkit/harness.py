@@ -1,9 +1,6 @@
-"""Test and benchmark harness: the two HTTP servers as child processes (started through their entry points,
-as `make serve` and `make ui` do), waiting for them, stopping them, a browser-like UI client, memory.
-
-Used by tests/, benchmarks/ and container/smoke.py (which put this folder on sys.path). Nothing here imports
-torch, and the product never imports this.
-"""
+"""The two HTTP servers as child processes (started through their entry points, as `make serve` and
+`make ui` do), the one environment every child process gets, waiting for them, stopping them, a browser-like
+UI client, memory."""
 
 from __future__ import annotations
 
@@ -13,7 +10,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import requests
 
@@ -30,14 +30,29 @@ def scoring_command(model_uri: str, host: str, port: int, workers: int = 1) -> l
             "--port", str(port), "--workers", str(workers)]
 
 
+def plain_mlflow_command(model_uri: str, host: str, port: int) -> list[str]:
+    """MLflow's own scoring server, as the docs give it: `mlflow models serve ... --env-manager local`."""
+    return [str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local", "--host", host,
+            "--port", str(port)]
+
+
 def ui_command(host: str, port: int, workers: int) -> list[str]:
     return [str(BIN / "python"), "-m", "entrypoints.ui", "--host", host, "--port", str(port),
             "--workers", str(workers)]
 
 
-def child_env(**extra: str) -> dict:
-    """This environment with the venv's bin/ first on PATH (MLflow shells out to its tools)."""
-    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+# Set by mlflow.set_experiment/start_run in this process; a child process must choose its own.
+INHERITED_MLFLOW_VARS = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")
+
+
+def child_env(tracking_uri: str | None = None, **extra: str) -> dict:
+    """This environment for a child process: the venv's bin/ first on PATH (MLflow shells out to its tools),
+    without this process's experiment and run, on `tracking_uri` if given, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in INHERITED_MLFLOW_VARS}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return env | extra
 
 
 def free_port() -> int:
@@ -75,6 +90,40 @@ def start(command: list[str], env: dict, health_url: str, log: Path, cwd: Path |
         stop(process)
         raise
     return process
+
+
+@contextmanager
+def running(command: list[str], env: dict, health_url: str, log: Path,
+            cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A server for the duration of a `with` block: started and up, then stopped whatever happens."""
+    process = start(command, env, health_url, log, cwd)
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+class Pair(NamedTuple):
+    """The scoring server and the UI in front of it: their URLs and processes."""
+    scoring_url: str
+    ui_url: str
+    scoring: subprocess.Popen
+    ui: subprocess.Popen
+
+
+@contextmanager
+def scoring_and_ui(model_uri: str, env: dict, logs: Path, scoring_workers: int = 1, ui_workers: int = 1,
+                   scoring_args: tuple[str, ...] = (), plain_mlflow: bool = False) -> Iterator[Pair]:
+    """The scoring server on `model_uri` (or MLflow's own, `plain_mlflow`) and the UI in front of it, as
+    `make serve-all` runs them; yields both and stops both."""
+    port, ui_port = free_port(), free_port()
+    scoring_url, ui_url = f"http://{LOOPBACK}:{port}", f"http://{LOOPBACK}:{ui_port}"
+    command = (plain_mlflow_command(model_uri, LOOPBACK, port) if plain_mlflow
+               else [*scoring_command(model_uri, LOOPBACK, port, scoring_workers), *scoring_args])
+    with running(command, env, f"{scoring_url}/ping", logs / "serve.log") as scoring, \
+            running(ui_command(LOOPBACK, ui_port, ui_workers), env | {"FMNIST_SCORING_URL": scoring_url},
+                    f"{ui_url}/health", logs / "ui.log") as ui:
+        yield Pair(scoring_url, ui_url, scoring, ui)
 
 
 def stop(process: subprocess.Popen) -> None:

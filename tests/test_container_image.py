@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from fmnist_pyfunc import registry
+from fmnist_pyfunc import export
 
 IMAGE_TAG = "localhost/fmnist:image-test"   # not fmnist:latest: the user's own image stays
 # The one place a run may opt out: GitHub's `ci` test job runs inside a container, where no engine can run
@@ -33,11 +33,11 @@ def test_image_builds_runs_and_answers_as_the_model_in_process(production, tmp_p
     answers pixels, PNG and photo JPEG exactly as the model does in process, through /invocations and the
     UI (API and CSRF form); runs as non-root on a read-only root; SIGTERM -> exit 0 within 10 s; the
     compose file's services answer."""
-    export = tmp_path / "export"
-    registry.export_production(export)
+    folder = tmp_path / "export"
+    export.export_production(folder)
     offline = ["--offline"] if os.environ.get("FMNIST_IMAGE_ONLINE") != "1" else []
-    built = _run("container/build.py", "--export", str(export), "--tag", IMAGE_TAG, *offline)
+    built = _run("container/build.py", "--export", str(folder), "--tag", IMAGE_TAG, *offline)
     assert built.returncode == 0, built.stderr[-3000:]
-    smoke = _run("container/smoke.py", "--export", str(export), "--tag", IMAGE_TAG)
+    smoke = _run("container/smoke.py", "--export", str(folder), "--tag", IMAGE_TAG)
     assert smoke.returncode == 0, smoke.stdout[-3000:] + smoke.stderr[-3000:]
     assert "cold start" in smoke.stdout and "compose: ui -> scoring" in smoke.stdout

@@ -6,11 +6,12 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import correlation, encode, exif_rotated_jpeg, upscaled
 from PIL import Image, ImageFile
 
-from fmnist_pyfunc import preprocessing as pre
-from fmnist_pyfunc.preprocessing import png_base64
+from fmnist_pyfunc import admission
+from fmnist_pyfunc import contract as pre
+from fmnist_pyfunc.contract import png_base64
+from fmnist_testkit.images import correlation, encode, exif_rotated_jpeg, upscaled
 
 
 def _batch(**columns) -> np.ndarray:
@@ -201,10 +202,10 @@ def test_decoding_stops_at_the_deadline(dataset):
 def test_a_worker_decodes_one_heavy_request_at_a_time_and_light_ones_beside_it():
     """While one request holds the largest budget, another as heavy is told Busy; a light one still fits;
     once the first is done the heavy one is admitted."""
-    with pre.admitted(pre.MAX_REQUEST_PIXELS):
-        with pytest.raises(pre.Busy, match="retry in a moment"), pre.admitted(pre.MAX_REQUEST_PIXELS):
+    with admission.admitted(pre.MAX_REQUEST_PIXELS):
+        with pytest.raises(admission.Busy, match="retry in a moment"), admission.admitted(pre.MAX_REQUEST_PIXELS):
             pass
-        with pre.admitted(16 * 28 * 28):
+        with admission.admitted(16 * 28 * 28):
             pass
-    with pre.admitted(pre.MAX_REQUEST_PIXELS):
+    with admission.admitted(pre.MAX_REQUEST_PIXELS):
         pass

@@ -16,11 +16,12 @@ Deterministic: every image is drawn from its own seeded generator.
 
 from __future__ import annotations
 
-import base64
 import io
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from fmnist_testkit.images import encode
 
 PHOTO_SIZE = (400, 300)             # width x height of a rendered photo: a phone picture, reduced
 GARMENT_FRACTION = (0.4, 0.7)       # the garment's longer side against the frame's shorter side
@@ -119,9 +120,4 @@ def _jpeg(image: Image.Image, quality: int) -> io.BytesIO:
 
 def encoded(image: Image.Image) -> str:
     """As the JSON contract carries it: base64 JPEG for photos (what phones send), PNG where there is alpha."""
-    buffer = io.BytesIO()
-    if image.mode == "RGBA":
-        image.save(buffer, format="PNG")
-    else:
-        image.save(buffer, format="JPEG", quality=90)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return encode(image, "PNG") if image.mode == "RGBA" else encode(image, "JPEG", quality=90)

@@ -1,12 +1,15 @@
-"""Turn what people send into what the network was trained on: 28x28, 0-255, light garment on black.
+"""The input contract: what the model accepts, checked before anything costly is done, and decoded.
 
 Two input kinds, one row each in a pandas DataFrame (the pyfunc model's input):
   * `pixels`: a 28x28 array on the dataset's 0-255 scale, used as is;
-  * `image`:  a base64 image (PNG, JPEG, WebP, GIF, BMP, AVIF; a data URL, wrapped lines, the URL-safe
-              alphabet and missing padding are fine) of any size, grey or colour, with or without alpha, on a
-              light or a dark background, a scan or a casual phone photo. `photo.py` turns it into what the
-              dataset looks like: light garment on black, trimmed, longest edge 28, centred.
-Everything that is not one of these raises `InputError` with a message fit for the API's caller.
+  * `image`:  a base64 image in one of FORMATS (a data URL, wrapped lines, the URL-safe alphabet and missing
+              padding are fine) of any size, grey or colour, with or without alpha, on a light or a dark
+              background, a scan or a casual phone photo. `photo.py` turns it into what the dataset looks
+              like: light garment on black, trimmed, longest edge 28, centred.
+Everything that is not one of these raises `InputError` with a message fit for the API's caller. Image
+safety is part of the contract: formats are recognised from their bytes, sizes are read from headers and
+budgeted before anything is decoded. What a whole HTTP request may be is the servers' business
+(`transport.py`); how much one process decodes at once is `admission.py`'s.
 Depends on numpy, pandas and Pillow only.
 """
 
@@ -17,10 +20,8 @@ import binascii
 import io
 import math
 import re
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,22 +37,22 @@ MAX_IMAGE_PIXELS = 40_000_000    # width x height before decoding: stops decompr
 # CPU per million here): one image at the per-image limit plus a UI batch of 16 phone JPEGs, which decode at
 # 1/8 scale (JPEG_DRAFT_SIDE), fit. 450 tiny PNGs of 40 M white pixels each (one 32 MiB body) do not.
 MAX_REQUEST_PIXELS = 64_000_000
-# Per worker process, the decoded pixels of all requests in progress: one request at the request limit, with
-# room left for light ones; a request that would go beyond waits for nobody: 429, Retry-After.
-MAX_IN_FLIGHT_PIXELS = MAX_REQUEST_PIXELS + 8_000_000
 MAX_REQUEST_SECONDS = 10.0       # decoding stops here, not only the answer: the client has waited long enough
 # Images are brought down to about this many pixels a side before any float work (trim, contrast, resize to
 # 28): a garment filling a tenth of the frame still spans ~50 pixels. JPEGs decode there directly (DCT scaling
 # 1/2, 1/4 or 1/8); other formats decode whole and are box-reduced by an integer factor. Work and memory per
 # image then no longer grow with the photo's size beyond its decoding.
 WORK_SIDE = 512
-# Request body of /invocations: two images at the per-image limit (base64: 4/3 larger), or a full batch
-# of pixel rows written as floats (~10 KiB each), fit; anything larger is refused before it is read.
-MAX_BODY_BYTES = 32 * 2**20
 # What phones and browsers produce and Pillow decodes safely here (GIF: its first frame). HEIC needs a plugin
-# this project does not ship; vector and document formats are not images of a garment.
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "AVIF")
-ACCEPTED = "PNG, JPEG, WebP, GIF, BMP or AVIF"
+# this project does not ship; vector and document formats are not images of a garment. The one list of them:
+# Pillow's name -> (the name people know, the media type browsers filter on). Messages, the UI and the
+# model's description render it from here.
+FORMATS = {"PNG": ("PNG", "image/png"), "JPEG": ("JPEG", "image/jpeg"), "WEBP": ("WebP", "image/webp"),
+           "GIF": ("GIF", "image/gif"), "BMP": ("BMP", "image/bmp"), "AVIF": ("AVIF", "image/avif")}
+ALLOWED_FORMATS = tuple(FORMATS)
+_NAMES = [name for name, _ in FORMATS.values()]
+ACCEPTED = f"{', '.join(_NAMES[:-1])} or {_NAMES[-1]}"
+MEDIA_TYPES = ",".join(media for _, media in FORMATS.values())
 # Formats refused by name, recognised from their first bytes, so the message says what was sent.
 REFUSED_SIGNATURES = ((b"%PDF", "PDF"), (b"<svg", "SVG"), (b"<?xml", "SVG/XML"), (b"II*\x00", "TIFF"),
                       (b"MM\x00*", "TIFF"), (b"8BPS", "PSD"))
@@ -62,48 +63,12 @@ DATA_URL = re.compile(r"data:[\w.+-]*/?[\w.+-]*(?:;[\w.+-]+=[^;,]*)*;base64,", r
 URL_SAFE_TO_STANDARD = str.maketrans("-_", "+/")
 
 
-# JSON nesting: our contract needs 4 levels (envelope, rows, 28 rows of 28); Python's parser recurses once per
-# level and dies with RecursionError (a 500) near 1,000. Deeper than this is refused before parsing.
-MAX_JSON_DEPTH = 32
-_OPENERS, _CLOSERS = np.frombuffer(b"[{", np.uint8), np.frombuffer(b"]}", np.uint8)
-
-
-def json_depth(body: bytes) -> int:
-    """The deepest nesting of [ and { in a JSON text, vectorised (~10 ms per 32 MiB). Brackets inside strings
-    count too: an over-estimate, harmless for base64 images (no brackets in their alphabet)."""
-    raw = np.frombuffer(body, np.uint8)
-    steps = np.isin(raw, _OPENERS).astype(np.int32) - np.isin(raw, _CLOSERS)
-    return int(np.cumsum(steps).max(initial=0))
-
-
 class InputError(ValueError):
     """Bad input from the caller; the message says what is wrong and what is expected."""
 
 
-class Busy(RuntimeError):
-    """This worker is decoding as much as it may at once; the caller should retry in a moment."""
-
-
 class DeadlineExceeded(RuntimeError):
     """The request's work passed MAX_REQUEST_SECONDS and was stopped."""
-
-
-_in_flight = {"pixels": 0}
-_in_flight_lock = threading.Lock()
-
-
-@contextmanager
-def admitted(pixels: int):
-    """Reserve `pixels` of this process's decoding budget for the duration, or raise Busy."""
-    with _in_flight_lock:
-        if _in_flight["pixels"] and _in_flight["pixels"] + pixels > MAX_IN_FLIGHT_PIXELS:
-            raise Busy(f"this server is decoding {_in_flight['pixels']:,} pixels already; retry in a moment")
-        _in_flight["pixels"] += pixels
-    try:
-        yield
-    finally:
-        with _in_flight_lock:
-            _in_flight["pixels"] -= pixels
 
 
 def pixels_to_array(value, row: int) -> np.ndarray:
