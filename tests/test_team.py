@@ -1,5 +1,6 @@
 """Team mode on real components over loopback: PostgreSQL, `mlflow server`, two sweep workers sharing a study."""
 
+import configparser
 import glob
 import os
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import requests
 from conftest import BIN, REPO
 
+from entrypoints import tracking_server as tracking_server_cli
 from fmnist_pyfunc import config, promotion, registry
 from fmnist_testkit import harness
 from fmnist_testkit.harness import child_env, free_port, wait_until_up
@@ -119,6 +121,24 @@ def test_the_tracking_server_will_not_start_with_a_weak_or_inline_secret(postgre
         result = subprocess.run([*base, "--backend-store-uri", uri], env=env, capture_output=True, text=True,
                                 timeout=60)
         assert result.returncode == 2 and words in result.stderr, result.stderr[-500:]
+
+
+def test_the_login_cache_is_off_unless_the_team_asks_for_it(tmp_path, monkeypatch, capsys):
+    """MLflow's auth config as the entry point writes it: no cached logins by default (every request checks
+    the password), the asked-for lifetime with --auth-cache-ttl-s, and a negative one refused."""
+    def cache_ttl(ini: str) -> int:
+        parser = configparser.ConfigParser()
+        parser.read_string(ini)
+        return parser.getint("mlflow", "auth_cache_ttl_seconds")
+
+    assert cache_ttl(tracking_server_cli.auth_config("sqlite:///a.db", ADMIN_PASSWORD)) == 0
+    assert cache_ttl(tracking_server_cli.auth_config("sqlite:///a.db", ADMIN_PASSWORD, 300)) == 300
+    monkeypatch.setenv(tracking_server_cli.ADMIN_PASSWORD_ENV, ADMIN_PASSWORD)
+    monkeypatch.setenv(tracking_server_cli.SECRET_KEY_ENV, "test-secret-key")
+    with pytest.raises(SystemExit) as exit_:
+        tracking_server_cli.main(["--backend-store-uri", "sqlite:///a.db", "--artifacts-destination", str(tmp_path),
+                                  "--auth-cache-ttl-s", "-1"])
+    assert exit_.value.code == 2 and "--auth-cache-ttl-s must be >= 0" in capsys.readouterr().err
 
 
 def _worker(postgres, tracking_url: str, cwd: Path, study: str) -> subprocess.Popen:
