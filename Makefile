@@ -101,10 +101,11 @@ mlflow-ui: install
 
 # Several pytest workers (pytest-xdist): most end-to-end tests wait on servers and subprocesses, so more
 # workers than cores keep both cores busy; each worker takes its share of the cores' threads (tests/conftest.py).
-# One test at a time per worker, longest first (conftest.LONGEST_FIRST): no worker is left with a queue.
+# Longest first (conftest.LONGEST_FIRST), a few tests at a time per worker, so no worker is left with a queue;
+# a module marked xdist_group runs on one worker, which builds its module fixtures once.
 TEST_WORKERS ?= 4
 test: install system-deps lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist load --maxschedchunk 1
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .

@@ -12,6 +12,8 @@ import numpy as np  # noqa: E402
 from fmnist_pyfunc.config import CLASS_NAMES  # noqa: E402
 
 MISCLASSIFIED_GRID = (5, 8)  # rows x columns of the grid of wrong test predictions
+MISCLASSIFIED_CAPTION = 12   # image pixels above each image for its two caption lines (at fontsize 6)
+MISCLASSIFIED_GAP = 4        # image pixels between neighbouring images
 FIGURE_DPI = 110
 
 
@@ -49,20 +51,26 @@ def plot_confusion_matrix(matrix: np.ndarray):
 
 
 def plot_misclassified(images: np.ndarray, labels: np.ndarray, predictions: np.ndarray, confidence: np.ndarray):
-    """The most confidently wrong test predictions, captioned 'true -> predicted (p)'."""
+    """The most confidently wrong test predictions, captioned 'true -> predicted (p)'. One picture with the
+    images laid out in a grid, not one axes per image: every run logs this, and 40 axes laid out by
+    matplotlib cost five times as much CPU."""
     wrong = np.flatnonzero(labels != predictions)
     wrong = wrong[np.argsort(-confidence[wrong])]
     rows, cols = MISCLASSIFIED_GRID
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 1.8), dpi=FIGURE_DPI)
-    for ax, idx in zip(axes.flat, (list(wrong) + [None] * rows * cols)[: rows * cols], strict=True):
-        ax.axis("off")
-        if idx is None:
-            continue
-        ax.imshow(images[idx], cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"{CLASS_NAMES[labels[idx]]}\n-> {CLASS_NAMES[predictions[idx]]} ({confidence[idx]:.2f})",
-                     fontsize=6)
-    fig.suptitle("Most confident test mistakes (true -> predicted)")
-    fig.tight_layout()
+    side = images.shape[1]
+    cell_w, cell_h = side + MISCLASSIFIED_GAP, side + MISCLASSIFIED_CAPTION + MISCLASSIFIED_GAP
+    canvas = np.full((rows * cell_h, cols * cell_w), 255, np.uint8)
+    fig, ax = plt.subplots(figsize=(cols * 1.6, rows * 1.8), dpi=FIGURE_DPI)
+    for k, idx in enumerate(wrong[: rows * cols]):
+        row, col = divmod(k, cols)
+        top, left = row * cell_h + MISCLASSIFIED_CAPTION, col * cell_w + MISCLASSIFIED_GAP // 2
+        canvas[top:top + side, left:left + side] = images[idx]
+        ax.text(left + side / 2, top - 1, f"{CLASS_NAMES[labels[idx]]}\n-> {CLASS_NAMES[predictions[idx]]} "
+                f"({confidence[idx]:.2f})", ha="center", va="bottom", fontsize=6)
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title("Most confident test mistakes (true -> predicted)")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.94)
     return fig
 
 

@@ -4,6 +4,7 @@ UI client, memory."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import socket
@@ -55,10 +56,27 @@ def child_env(tracking_uri: str | None = None, **extra: str) -> dict:
     return env | extra
 
 
+# Ports for the servers that tests and benchmarks start: below Linux's ephemeral range (32768-60999), so the
+# kernel never hands one out to a client connection, and a block of its own for each pytest-xdist worker, so
+# that two workers never pick the same port between choosing it and binding it.
+FIRST_PORT = 20000
+PORTS_PER_WORKER = 1000
+_next_port = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+    """A port on LOOPBACK that nothing listens on, from this worker's block, a new one on every call."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # gw0, gw1, ...; outside pytest: the first block
+    block = FIRST_PORT + int(worker.removeprefix("gw")) * PORTS_PER_WORKER
+    for _ in range(PORTS_PER_WORKER):
+        port = block + next(_next_port) % PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:  # in use: a server of this worker's, or someone else's
+                continue
+            return port
+    raise RuntimeError(f"no free port in {block}-{block + PORTS_PER_WORKER - 1}")
 
 
 def wait_until_up(url: str, process: subprocess.Popen, log: Path | None = None,

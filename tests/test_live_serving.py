@@ -18,7 +18,9 @@ from fmnist_pyfunc import config, live_model, metrics, registry, scoring, tracki
 from fmnist_pyfunc.pyfunc_model import WEIGHTS_ARTIFACT
 from fmnist_testkit import harness
 
-pytestmark = pytest.mark.e2e
+# One worker runs the whole module: its registry, two trained versions and four server processes are built
+# once instead of once per pytest-xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("live_serving")]
 
 NAME = config.REGISTERED_MODEL_NAME
 FOLLOW_S = 1.0           # the servers under test re-resolve Production this often
@@ -135,9 +137,10 @@ def _until(fetch, done, failure: str, timeout_s: float = SWITCH_DEADLINE_S):
 
 
 def _serving(url: str, version: str) -> None:
-    """Until both workers serve `version` (whatever an earlier test left in Production)."""
+    """Until both workers serve `version` (whatever an earlier test left in Production; the second worker
+    may still be starting)."""
     _until(lambda: _metric(url, "fmnist_model_info", version=version), lambda workers: workers >= 2,
-           f"the workers never both served v{version}")
+           f"the workers never both served v{version}", timeout_s=harness.STARTUP_TIMEOUT_S)
 
 
 def test_a_promotion_reaches_every_worker_without_a_failed_request(servers, store, dataset):
