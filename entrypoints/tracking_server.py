@@ -30,6 +30,9 @@ DEFAULT_PERMISSION = "READ"  # what a user may do with what they did not create 
 # check; a cached login stays valid on other workers for this long after a password change. Off, as MLflow
 # ships it: a team turns it on knowingly (--auth-cache-ttl-s).
 DEFAULT_AUTH_CACHE_TTL_S = 0
+# MLflow 3's server starts a job runner and its queue consumers (five more processes) for its GenAI features
+# (LLM judges, trace roll-ups), which this project does not use: off unless the environment turns it on.
+JOB_EXECUTION_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 
 
 def auth_config(auth_db: str, admin_password: str, cache_ttl_s: int = DEFAULT_AUTH_CACHE_TTL_S) -> str:
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     auth_db = args.auth_db_uri or f"sqlite:///{(args.state_dir / 'basic_auth.db').resolve()}"
     ini.write_text(auth_config(auth_db, password, args.auth_cache_ttl_s))
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = str(ini.resolve())
+    os.environ.setdefault(JOB_EXECUTION_ENV, "false")
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
                "--backend-store-uri", args.backend_store_uri, "--artifacts-destination", args.artifacts_destination,
                "--host", args.host, "--port", str(args.port), *[a for a in args.mlflow_args if a != "--"]]

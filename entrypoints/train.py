@@ -11,7 +11,7 @@ import sys
 
 import mlflow
 
-from fmnist_pyfunc import cli, config, data, tracking
+from fmnist_pyfunc import cli, config, data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         dataset = data.load()  # before any run exists: a data problem leaves nothing half-written
     except (ValueError, data.DataError) as exc:
         parser.error(str(exc))
+    from fmnist_pyfunc import tracking  # here: a refused parameter is reported before torch and matplotlib load
+
     cli.use_tracking_store()
     cli.use_experiment(args.experiment)
     run_id = tracking.run_training(cfg, dataset)

@@ -17,12 +17,17 @@ from fmnist_pyfunc.config import LOOPBACK, UI_PORT
 
 DEFAULT_WORKERS = 2   # requests mostly wait on the scoring server: few processes...
 THREADS = 4           # ...each with a few threads
+# On SIGTERM a worker finishes its requests, but also waits for idle keep-alive connections (a browser's)
+# until this runs out; then gunicorn kills it. Under `docker stop`'s 10 s, so that the master, and with it
+# the container, ends on SIGTERM however many browsers are connected.
+GRACEFUL_TIMEOUT_S = 8
 APP = "webui.app:create_app()"
 
 
 def gunicorn_argv(host: str, port: int, workers: int) -> list[str]:
     gunicorn = str(Path(sys.executable).parent / "gunicorn")
-    return [gunicorn, "--workers", str(workers), "--threads", str(THREADS), "--bind", f"{host}:{port}", APP]
+    return [gunicorn, "--workers", str(workers), "--threads", str(THREADS), "--graceful-timeout",
+            str(GRACEFUL_TIMEOUT_S), "--bind", f"{host}:{port}", APP]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,16 +166,35 @@ def ui_session(ui_url: str) -> requests.Session:
     return session
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process and all its descendants (uvicorn and gunicorn fork workers), Linux."""
-    total, pending = 0, [pid]
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (uvicorn and gunicorn fork workers, MLflow's helpers), Linux."""
+    found, pending = [], [pid]
     while pending:
         current = pending.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
             children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except OSError:  # exited meanwhile
             continue
-        total += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+        found.append(current)
         pending += [int(child) for child in children]
+    return found
+
+
+def command_line(pid: int) -> str:
+    """How a process was started ("" once it has exited)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and all its descendants, Linux."""
+    total = 0
+    for current in process_tree(pid):
+        try:
+            status = Path(f"/proc/{current}/status").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        total += next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
     return total

@@ -145,7 +145,8 @@ def test_serving_imports_no_training_code():
 @pytest.mark.e2e
 def test_export_and_container_entrypoint(production, tracking_uri, tmp_path, dataset):
     """Export is self-contained; the entrypoint serves it and the UI, both answer with the class the exported
-    model gives in this process, both stop on SIGTERM."""
+    model gives in this process, both stop on SIGTERM, even with a client's idle keep-alive connection to the
+    UI still open (the answer below holds one until it is collected)."""
     export.export_production(tmp_path / "export")
     info = json.loads((tmp_path / "export" / export.EXPORT_INFO_FILE).read_text())
     assert info["version"] == production and info["stage"] == "Production"

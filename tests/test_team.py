@@ -67,6 +67,7 @@ def postgres():
     shutil.rmtree(pg.root, ignore_errors=True)
 
 
+SERVER = {}  # the running tracking server's process id
 ADMIN_PASSWORD = "team-mode-admin-0123"  # a test value: real ones come from the user's environment
 # Two sweep workers log hundreds of requests: hashing the password for each cost minutes of CPU. A login is
 # checked once per server worker instead (the option a team may choose too; off by default).
@@ -90,6 +91,7 @@ def tracking_server(postgres, tracking_uri):
                                env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     wait_until_up(f"{url}/health", process, log)
+    SERVER["pid"] = process.pid
     logins = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": ADMIN_PASSWORD}
     os.environ.update(logins)
     yield url
@@ -101,7 +103,11 @@ def tracking_server(postgres, tracking_uri):
 
 
 def test_the_tracking_server_refuses_anyone_without_a_login(tracking_server):
-    """No credentials or a wrong password: 401 on the REST API; the admin's login: 200."""
+    """No credentials or a wrong password: 401 on the REST API; the admin's login: 200. It runs the web
+    workers only: none of MLflow's GenAI job runners, which this project does not use."""
+    commands = [harness.command_line(pid) for pid in harness.process_tree(SERVER["pid"])]
+    assert any("mlflow server" in c or "mlflow.server" in c for c in commands), commands
+    assert not any("jobs._job_runner" in c or "huey" in c for c in commands), commands
     search = f"{tracking_server}/api/2.0/mlflow/experiments/search?max_results=1"
     assert requests.get(search, timeout=10).status_code == 401
     assert requests.get(search, auth=("admin", "wrong-password"), timeout=10).status_code == 401
