@@ -102,10 +102,10 @@ mlflow-ui: install
 # Several pytest workers (pytest-xdist): most end-to-end tests wait on servers and subprocesses, so more
 # workers than cores keep both cores busy; each worker takes its share of the cores' threads (tests/conftest.py).
 # Longest first (conftest.LONGEST_FIRST), a few tests at a time per worker, so no worker is left with a queue;
-# a module marked xdist_group runs on one worker, which builds its module fixtures once.
+# the modules of conftest.ONE_WORKER_MODULES each run on one worker, which builds their module fixtures once.
 TEST_WORKERS ?= 4
 test: install system-deps lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install
 	$(BIN)/ruff check .

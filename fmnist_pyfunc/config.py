@@ -49,6 +49,8 @@ CLASS_NAMES = (
 )
 
 EXPERIMENT_NAME = "fashion-mnist"
+# The product's contract names it so (every deployment, URI and dashboard uses it), whatever network it holds:
+# a convolutional one, residual since `resnet` (each version's description and its run's `arch` parameter say which).
 REGISTERED_MODEL_NAME = "fashion-mnist-cnn"
 PRODUCTION_MODEL_URI = f"models:/{REGISTERED_MODEL_NAME}/Production"  # what serving loads by default
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"

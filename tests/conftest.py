@@ -39,6 +39,27 @@ LONGEST_FIRST = ("test_container_image.py", "test_team.py", "test_sweep.py", "te
                  "test_browser.py", "test_train_e2e.py", "test_registry.py")
 
 
+# Modules whose module-scoped fixtures are expensive (a registry of trained versions and four server processes,
+# two trained runs, a browser) run on one worker, which builds them once; every other test is scheduled alone.
+ONE_WORKER_MODULES = ("test_live_serving.py", "test_registry.py", "test_browser.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadscope` (make test) with scopes of our choosing: a module of ONE_WORKER_MODULES is one unit of
+    work, any other test is a unit of its own. (pytest-xdist's own `xdist_group` mark does not take effect
+    under pytest 9, whose node ids it can no longer rewrite.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModulesWithSharedFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if Path(module).name in ONE_WORKER_MODULES else nodeid
+
+    return ModulesWithSharedFixtures(config, log)
+
+
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         name = item.path.name

@@ -11,7 +11,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from fmnist_pyfunc.contract import png_base64
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("browser")]  # one Chromium for both tests
+pytestmark = pytest.mark.e2e  # one worker runs this module (conftest.ONE_WORKER_MODULES)
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: Playwright cannot download browsers here
 # Flags for a sandboxed CI container with no network beyond loopback.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",

@@ -18,9 +18,7 @@ from fmnist_pyfunc import config, live_model, metrics, registry, scoring, tracki
 from fmnist_pyfunc.pyfunc_model import WEIGHTS_ARTIFACT
 from fmnist_testkit import harness
 
-# One worker runs the whole module: its registry, two trained versions and four server processes are built
-# once instead of once per pytest-xdist worker.
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("live_serving")]
+pytestmark = pytest.mark.e2e  # one worker runs this module (conftest.ONE_WORKER_MODULES)
 
 NAME = config.REGISTERED_MODEL_NAME
 FOLLOW_S = 1.0           # the servers under test re-resolve Production this often

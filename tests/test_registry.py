@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from fmnist_pyfunc import config, promotion, registry, tracking
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("registry")]  # its two trained runs, built once
+pytestmark = pytest.mark.e2e  # one worker runs this module (conftest.ONE_WORKER_MODULES)
 NAME = config.REGISTERED_MODEL_NAME
 # Two real but cheap models of clearly different quality (~15 s together on 2 cores).
 WEAK = {"epochs": 1, "max_train_samples": 1280, "width": 4, "val_size": 1000, "lr": 0.01}
