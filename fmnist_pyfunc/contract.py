@@ -35,7 +35,7 @@ MAX_IMAGE_BYTES = 10 * 2**20     # 10 MiB of encoded image per row: larger than 
 MAX_IMAGE_PIXELS = 40_000_000    # width x height before decoding: stops decompression bombs
 # Work per request, counted in decoded pixels from the image headers before anything is decoded (~0.01 s of
 # CPU per million here): one image at the per-image limit plus a UI batch of 16 phone JPEGs, which decode at
-# 1/8 scale (JPEG_DRAFT_SIDE), fit. 450 tiny PNGs of 40 M white pixels each (one 32 MiB body) do not.
+# 1/8 scale (WORK_SIDE), fit. 450 tiny PNGs of 40 M white pixels each (one 32 MiB body) do not.
 MAX_REQUEST_PIXELS = 64_000_000
 MAX_REQUEST_SECONDS = 10.0       # decoding stops here, not only the answer: the client has waited long enough
 # Images are brought down to about this many pixels a side before any float work (trim, contrast, resize to

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -12,7 +11,7 @@ import pytest
 
 from fmnist_pyfunc import config
 from fmnist_testkit import harness
-from fmnist_testkit.harness import child_env, free_port, start, stop
+from fmnist_testkit.harness import child_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # The smallest training run that still exercises every code path: ~20 s on 2 CPU cores.
@@ -98,7 +97,7 @@ def private_store(tmp_path, tracking_uri) -> str:
 def mlflow_run(entry_point: str, params: dict, tracking_uri: str, experiment: str, cwd: Path,
                check: bool = True) -> subprocess.CompletedProcess:
     """`mlflow run . -e <entry_point> --env-manager local -P k=v ...` as a user types it."""
-    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", entry_point,
+    command = [str(harness.BIN / "mlflow"), "run", str(REPO), "-e", entry_point,
                "--env-manager", "local", "--experiment-name", experiment]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
@@ -140,10 +139,9 @@ def scoring_server(production, tracking_uri, tmp_path_factory):
     env = child_env(tracking_uri)
     env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"  # the model must load without unpickling
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    process = start(harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port), env,
-                    f"http://127.0.0.1:{port}/ping", log)
-    yield process, f"http://127.0.0.1:{port}"
-    stop(process)
+    with harness.running(harness.scoring_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port), env,
+                         f"http://127.0.0.1:{port}/ping", log) as process:
+        yield process, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
@@ -158,9 +156,9 @@ def ui_server(scoring_url, tracking_uri, tmp_path_factory):
     env = child_env(tracking_uri)
     env["FMNIST_SCORING_URL"] = scoring_url
     log = tmp_path_factory.mktemp("ui") / "ui.log"
-    process = start(harness.ui_command(config.LOOPBACK, port, workers=1), env, f"http://127.0.0.1:{port}/health", log)
-    yield process, f"http://127.0.0.1:{port}"
-    stop(process)
+    with harness.running(harness.ui_command(config.LOOPBACK, port, workers=1), env,
+                         f"http://127.0.0.1:{port}/health", log) as process:
+        yield process, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
