@@ -3,7 +3,8 @@
     python container/smoke.py --tag fmnist:latest --export export       # make image-test, release.yml
 Starts the image read-only with its ports on loopback, waits for its HEALTHCHECK, then sends real test
 images as raw pixels, base64 PNG and photo-style JPEG to /invocations and to the UI (JSON API, and the
-form with its CSRF token), and expects exactly the classes the exported model gives in this process.
+form with its CSRF token), and expects exactly the classes and in_distribution flags the exported model gives
+in this process.
 Checks every process runs as the image's non-root uid, the root filesystem refuses writes, and SIGTERM
 stops it in time with exit code 0; then brings up the compose file's two services and asks them once.
 """
@@ -48,14 +49,14 @@ def check(ok: bool, what: str) -> None:
     print(f"ok   {what}", flush=True)
 
 
-def inputs_and_expected(export: Path) -> tuple[dict[str, list[dict]], dict[str, list[int]]]:
-    """Each input kind's records, and the classes the exported model gives them in this process."""
+def inputs_and_expected(export: Path) -> tuple[dict[str, list[dict]], dict[str, list[tuple]]]:
+    """Each input kind's records, and the answers the exported model gives them in this process."""
     import mlflow  # here: the check of a running image needs only requests
 
     images = data.load().test_images[:N_IMAGES]
     records = rows_of_each_kind(images, PHOTO_SIZE)
     model = mlflow.pyfunc.load_model(str(export / "model"))
-    expected = {kind: model.predict(pd.DataFrame(rows))["class_index"].tolist() for kind, rows in records.items()}
+    expected = {kind: answers(model.predict(pd.DataFrame(rows)).to_dict("records")) for kind, rows in records.items()}
     return records, expected
 
 
@@ -72,33 +73,38 @@ def wait_for(predicate, what: str, timeout_s: float = START_TIMEOUT_S) -> float:
     raise CheckFailed(f"{what} within {timeout_s} s")
 
 
-def scoring_classes(url: str, records: list[dict]) -> list[int]:
+def answers(predictions: list[dict]) -> list[tuple]:
+    """What must agree everywhere: the class, and whether the picture looks like clothing at all."""
+    return [(int(p["class_index"]), bool(p["in_distribution"])) for p in predictions]
+
+
+def scoring_answers(url: str, records: list[dict]) -> list[tuple]:
     response = requests.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=REQUEST_TIMEOUT_S)
     response.raise_for_status()
-    return [p["class_index"] for p in response.json()["predictions"]]
+    return answers(response.json()["predictions"])
 
 
-def ui_api_classes(url: str, records: list[dict]) -> list[int]:
+def ui_api_answers(url: str, records: list[dict]) -> list[tuple]:
     response = requests.post(f"{url}/predict", json={"images": [r["image"] for r in records]},
                              timeout=REQUEST_TIMEOUT_S)
     response.raise_for_status()
-    return [r["class_index"] for r in response.json()["results"]]
+    return answers(response.json()["results"])
 
 
-def ui_form_classes(url: str, records: list[dict]) -> list[int]:
+def ui_form_answers(url: str, records: list[dict]) -> list[tuple]:
     files = [("files", (f"{i}.img", base64.b64decode(r["image"]), "application/octet-stream"))
              for i, r in enumerate(records)]
     response = harness.ui_session(url).post(f"{url}/predict", files=files, timeout=REQUEST_TIMEOUT_S)
     response.raise_for_status()
-    return [r["class_index"] for r in response.json()["results"]]
+    return answers(response.json()["results"])
 
 
 def check_predictions(scoring_url: str, ui_url: str, records: dict, expected: dict) -> None:
     for kind, rows in records.items():
-        check(scoring_classes(scoring_url, rows) == expected[kind], f"/invocations, {kind}: in-process classes")
+        check(scoring_answers(scoring_url, rows) == expected[kind], f"/invocations, {kind}: in-process answers")
         if kind != "pixels":  # the UI takes images, not pixel arrays
-            check(ui_api_classes(ui_url, rows) == expected[kind], f"UI JSON API, {kind}: in-process classes")
-            check(ui_form_classes(ui_url, rows) == expected[kind], f"UI form upload, {kind}: in-process classes")
+            check(ui_api_answers(ui_url, rows) == expected[kind], f"UI JSON API, {kind}: in-process answers")
+            check(ui_form_answers(ui_url, rows) == expected[kind], f"UI form upload, {kind}: in-process answers")
 
 
 class Container:
@@ -130,7 +136,7 @@ def check_image(engine: list[str], env: dict, tag: str, records: dict, expected:
               "-p", f"{config.LOOPBACK}:{ui_port}:{config.UI_PORT}", tag)
     scoring_url, ui_url = f"http://{config.LOOPBACK}:{scoring_port}", f"http://{config.LOOPBACK}:{ui_port}"
     try:
-        wait_for(lambda: scoring_classes(scoring_url, records["pixels"][:1]) is not None, "a first prediction")
+        wait_for(lambda: scoring_answers(scoring_url, records["pixels"][:1]) is not None, "a first prediction")
         cold_start = time.monotonic() - started
         print(f"ok   cold start (container start -> first 200 from /invocations): {cold_start:.1f} s", flush=True)
         wait_for(container.healthy, "HEALTHCHECK healthy")
@@ -167,9 +173,9 @@ def check_compose(engine: list[str], env: dict, tag: str, records: dict, expecte
     try:
         ui_url = f"http://{config.LOOPBACK}:{ui_port}"
         wait_for(lambda: requests.get(f"{ui_url}/health", timeout=5).status_code == 200, "compose: UI healthy")
-        check(ui_api_classes(ui_url, records["png"]) == expected["png"], "compose: ui -> scoring, in-process classes")
+        check(ui_api_answers(ui_url, records["png"]) == expected["png"], "compose: ui -> scoring, in-process answers")
         scoring_url = f"http://{config.LOOPBACK}:{scoring_port}"
-        check(scoring_classes(scoring_url, records["pixels"]) == expected["pixels"], "compose: scoring service")
+        check(scoring_answers(scoring_url, records["pixels"]) == expected["pixels"], "compose: scoring service")
     except (CheckFailed, requests.RequestException):
         print(subprocess.run([*compose, "logs"], env=compose_env, capture_output=True, text=True).stdout[-3000:],
               file=sys.stderr)

@@ -37,6 +37,7 @@ MAX_IMAGE_PIXELS = 40_000_000    # width x height before decoding: stops decompr
 # CPU per million here): one image at the per-image limit plus a UI batch of 16 phone JPEGs, which decode at
 # 1/8 scale (WORK_SIDE), fit. 450 tiny PNGs of 40 M white pixels each (one 32 MiB body) do not.
 MAX_REQUEST_PIXELS = 64_000_000
+UNIT_SCALE_MAX = 1.0           # 'pixels' all at or below this are on the 0-1 scale (see pixels_to_array)
 MAX_REQUEST_SECONDS = 10.0       # decoding stops here, not only the answer: the client has waited long enough
 # Images are brought down to about this many pixels a side before any float work (trim, contrast, resize to
 # 28): a garment filling a tenth of the frame still spans ~50 pixels. JPEGs decode there directly (DCT scaling
@@ -72,18 +73,31 @@ class DeadlineExceeded(RuntimeError):
 
 
 def pixels_to_array(value, row: int) -> np.ndarray:
-    """A nested list or array of 28x28 numbers in 0-255 -> float32 (28, 28)."""
+    """A nested list or array of 28x28 numbers -> float32 (28, 28) on the 0-255 scale.
+
+    The scale is read from the values, as documented in docs/serving.md: all within 0..1 is the 0-1 scale
+    (torchvision's `ToTensor`, the first thing many ML clients send), multiplied by 255; anything else must lie
+    within 0..255. On the 0-255 scale an image that never passes 1 is black, so the rule misreads nothing.
+    Booleans, text and normalised tensors (negative values) are refused, saying what to send."""
+    where = f"row {row}: 'pixels'"
     try:
-        array = np.asarray(value, dtype=np.float32)
+        array = np.asarray(value)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"row {row}: 'pixels' must be a 28x28 array of numbers ({exc})") from None
+        raise InputError(f"{where} must be a 28x28 array of numbers ({exc})") from None
+    if array.dtype == bool:
+        raise InputError(f"{where} are booleans: send grey levels, numbers on the 0-255 scale (or 0-1)")
+    if array.dtype.kind not in "iuf":
+        raise InputError(f"{where} must be a 28x28 array of numbers, got {array.dtype.name} values")
     if array.shape != (IMAGE_SIZE, IMAGE_SIZE):
-        raise InputError(f"row {row}: 'pixels' must have shape (28, 28), got {array.shape}")
+        raise InputError(f"{where} must have shape (28, 28), got {array.shape}")
+    array = array.astype(np.float32)
     if not np.isfinite(array).all():
-        raise InputError(f"row {row}: 'pixels' contains NaN or infinite values")
-    if array.min() < 0 or array.max() > PIXEL_MAX:
-        raise InputError(f"row {row}: 'pixels' values must be in 0..255, got {array.min():g}..{array.max():g}")
-    return array
+        raise InputError(f"{where} contains NaN or infinite values")
+    low, high = array.min(), array.max()
+    if low < 0 or high > PIXEL_MAX:
+        hint = " (a normalised tensor? send the image before normalising)" if low < 0 else ""
+        raise InputError(f"{where} values must be on the 0-255 scale or all within 0..1, got {low:g}..{high:g}{hint}")
+    return array * PIXEL_MAX if high <= UNIT_SCALE_MAX else array
 
 
 def decode_base64(value, where: str) -> bytes:

@@ -33,6 +33,8 @@ LATENCY = Histogram("fmnist_http_request_seconds", "Time from request to the end
 REQUEST_BYTES = Counter("fmnist_http_request_bytes", "Request body bytes received", ["server", "route"])
 IMAGES = Counter("fmnist_images_scored", "Rows scored, by input kind (pixels, image)", ["kind"])
 PREDICTED = Counter("fmnist_predicted_class", "Predictions, by predicted class", ["class_name"])
+# Answers whose picture did not look like clothing (in_distribution false); models without the detector add none.
+OUT_OF_DISTRIBUTION = Counter("fmnist_out_of_distribution", "Predictions flagged as not looking like clothing")
 # 1 for the version a worker serves now, 0 for those it served before; "liveall": one series per live worker.
 MODEL = Gauge("fmnist_model_info", "The model version a scoring worker serves", ["name", "version", "run_id"],
               multiprocess_mode="liveall")

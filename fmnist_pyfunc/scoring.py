@@ -161,6 +161,8 @@ def count_rows(request: bytes, answer: bytes) -> None:
         metrics.IMAGES.labels(kind).inc()
     for prediction in predictions:
         metrics.PREDICTED.labels(prediction.get("class_name", "?")).inc()
+        if prediction.get("in_distribution") is False:
+            metrics.OUT_OF_DISTRIBUTION.inc()
 
 
 def input_kinds(payload: dict, n_rows: int) -> list[str]:

@@ -16,9 +16,9 @@ import mlflow
 import pandas as pd
 import torch
 
-from fmnist_pyfunc import calibration, contract, data, models, reporting, training
+from fmnist_pyfunc import calibration, contract, data, models, ood, reporting, training
 from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
-from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
+from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, OOD_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -45,9 +45,11 @@ def input_example(dataset: data.FashionMNIST) -> pd.DataFrame:
     ])
 
 
-def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST) -> None:
+def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST,
+                     detector: ood.Detector) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        weights, config = Path(tmp, "weights.pt"), Path(tmp, "model_config.json")
+        weights, config, outliers = Path(tmp, "weights.pt"), Path(tmp, "model_config.json"), Path(tmp, "ood.npz")
+        detector.save(outliers)
         state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
         torch.save(state, weights)
         config.write_text(json.dumps({**{k: cfg[k] for k in ("arch", "width", "depth", "dropout", "tta")},
@@ -55,7 +57,7 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.Fash
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PACKAGE_DIR / "model_code.py"),
-            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config)},
+            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config), OOD_ARTIFACT: str(outliers)},
             code_paths=[str(PACKAGE_DIR)],
             signature=SIGNATURE,
             input_example=input_example(dataset),
@@ -65,16 +67,19 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.Fash
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
 
 
-def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST) -> float:
+def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST,
+                   detector: ood.Detector) -> float:
     """Evaluate once on the 10k test set exactly as the served model will (on the CPU, through
-    `inference`); log the metrics, calibration before/after and the report artifacts."""
-    raw, test = training.test_scores(result, dataset, cfg["tta"])
+    `inference`); log the metrics, calibration before/after, the garments the detector accepts and the report
+    artifacts."""
+    raw, test = training.test_scores(result, dataset, cfg["tta"], detector)
     probabilities = test["probabilities"]
     predictions, confidence = probabilities.argmax(1), probabilities.max(1)
     matrix = reporting.confusion_matrix(dataset.test_labels, predictions)
     mlflow.log_metrics({"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_ece": test["ece"],
                         "test_ece_raw": raw["ece"], "temperature": result.temperature,
-                        "val_ece": result.val_ece, "val_ece_raw": result.val_ece_raw})
+                        "val_ece": result.val_ece, "val_ece_raw": result.val_ece_raw,
+                        "ood_test_accepted": test["ood_accepted"]})
     tables = {f"test, raw (ECE {raw['ece']:.2%})": calibration.reliability(raw["probabilities"], dataset.test_labels),
               f"test, T = {result.temperature:.3f} (ECE {test['ece']:.2%})":
                   calibration.reliability(probabilities, dataset.test_labels)}
@@ -119,6 +124,7 @@ def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | Non
             "train_seconds": result.train_seconds,
             "num_parameters": models.count_parameters(result.model),
         })
-        log_evaluation(result, cfg, dataset)
-        log_pyfunc_model(result, cfg, dataset)
+        detector = training.fit_ood(result, dataset, cfg["tta"], cfg["seed"])
+        log_evaluation(result, cfg, dataset, detector)
+        log_pyfunc_model(result, cfg, dataset, detector)
         return run.info.run_id

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fmnist_pyfunc import augment, calibration, data, inference, models
+from fmnist_pyfunc import augment, calibration, data, inference, models, ood
 
 MOMENTUM = 0.9           # SGD Nesterov momentum; the usual value, not worth searching
 WARMUP_FRACTION = 0.25   # share of steps spent raising the LR in the one-cycle schedule
@@ -36,6 +36,8 @@ class TrainResult:
     temperature: float = 1.0    # fitted on the validation split after training: divides the logits
     val_ece_raw: float = 0.0    # validation ECE before and after dividing by the temperature
     val_ece: float = 0.0
+    train_indices: np.ndarray | None = None  # the training split as trained on, and the validation split
+    val_indices: np.ndarray | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,11 +66,27 @@ def scores(logits: torch.Tensor, labels: np.ndarray, temperature: float = 1.0) -
     }
 
 
-def test_scores(result: TrainResult, dataset: data.FashionMNIST, tta: bool) -> tuple[dict, dict]:
+def test_scores(result: TrainResult, dataset: data.FashionMNIST, tta: bool,
+                detector: ood.Detector | None = None) -> tuple[dict, dict]:
     """Scores on the 10k test set exactly as the served model gives them (on the CPU, in serving's precision),
-    before and after the calibration temperature."""
-    logits = inference.logits(result.model.to("cpu"), dataset.test_images, tta, inference.serving_bf16())
-    return scores(logits, dataset.test_labels), scores(logits, dataset.test_labels, result.temperature)
+    before and after the calibration temperature; with a detector, also the share of test garments it accepts."""
+    outputs = inference.forward(result.model.to("cpu"), dataset.test_images, tta, inference.serving_bf16())
+    labels = dataset.test_labels
+    raw, test = scores(outputs.logits, labels), scores(outputs.logits, labels, result.temperature)
+    if detector is not None:
+        test["ood_accepted"] = float(ood.in_distribution(detector.score(outputs)).mean())
+    return raw, test
+
+
+def fit_ood(result: TrainResult, dataset: data.FashionMNIST, tta: bool, seed: int) -> ood.Detector:
+    """The out-of-distribution detector, fitted as the served model scores (on the CPU, in serving's precision):
+    its Gaussians on up to ood.FIT_IMAGES images of the training split, its scales and threshold on the
+    validation split. Test images are never seen."""
+    fit_indices = np.random.default_rng(seed).permutation(result.train_indices)[:ood.FIT_IMAGES]
+    network, bf16 = result.model.to("cpu"), inference.serving_bf16()
+    train = inference.forward(network, dataset.train_images[fit_indices], tta, bf16)
+    val = inference.forward(network, dataset.train_images[result.val_indices], tta, bf16)
+    return ood.fit(train, dataset.train_labels[fit_indices], val, result.temperature)
 
 
 def optimiser(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):
@@ -105,7 +123,7 @@ def train(cfg: dict, dataset: data.FashionMNIST,
     optimizer, schedule = optimiser(model, cfg, steps_per_epoch)
     aug_generator = torch.Generator(device=device).manual_seed(cfg["seed"])
 
-    result = TrainResult(model=model, device=device, bf16=bf16)
+    result = TrainResult(model=model, device=device, bf16=bf16, train_indices=train_idx, val_indices=val_idx)
     best_state, best_epoch_accuracy, epochs_without_gain = None, 0.0, 0
     start = time.perf_counter()
     bar = tqdm(range(cfg["epochs"]), desc="train", unit="epoch", disable=not progress)

@@ -10,6 +10,8 @@ from conftest import REPO
 from playwright.sync_api import expect, sync_playwright
 
 from fmnist_pyfunc.contract import png_base64
+from fmnist_testkit import outliers
+from fmnist_testkit.images import encode
 
 pytestmark = pytest.mark.e2e  # one worker runs this module (conftest.ONE_WORKER_MODULES)
 CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: Playwright cannot download browsers here
@@ -17,6 +19,7 @@ CHROMIUM = "/usr/bin/chromium"  # Debian's chromium: Playwright cannot download 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = REPO / "test-artifacts"
+CANDIDATES = 8  # pictures asked of the JSON API, to upload one it answers a certain way
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +37,12 @@ def test_upload_shows_prediction_and_chart(page, ui_url, dataset, tmp_path):
     """In a real browser, uploading a test image shows a card with the class the served model gives that image
     (as the UI's JSON API answers it) and its probability, ten bars, the 28x28 image the model saw and the
     version that answered, under a header naming the served model and a healthy scoring server."""
-    png = png_base64(dataset.test_images[0])
-    answer = requests.post(f"{ui_url}/predict", json={"images": [png]}, timeout=60)
-    expected = answer.json()["results"][0]["class_name"]
-    image = tmp_path / "ankle_boot.png"
-    image.write_bytes(base64.b64decode(png))  # test image 0 is an ankle boot
+    pngs = [png_base64(image) for image in dataset.test_images[:CANDIDATES]]
+    answers = requests.post(f"{ui_url}/predict", json={"images": pngs}, timeout=60).json()["results"]
+    index = next(i for i, answer in enumerate(answers) if answer["in_distribution"])  # a garment taken as one
+    expected = answers[index]["class_name"]
+    image = tmp_path / "garment.png"
+    image.write_bytes(base64.b64decode(pngs[index]))
     page.goto(ui_url)
     expect(page.locator("#health")).to_have_text("scoring server: ok")
     expect(page.locator("#model-info")).to_contain_text("fashion-mnist-cnn v")
@@ -66,3 +70,21 @@ def test_gallery_click_and_bad_upload_message(page, ui_url, tmp_path):
     bad.write_text("hello")
     page.set_input_files("#files", str(bad))
     expect(page.locator("#message")).to_contain_text("not an image in an accepted format")
+
+
+def test_a_picture_that_is_not_clothing_is_said_to_be_so(page, ui_url, tmp_path):
+    """A picture the model flags as not clothing (a drawn shape) gets a card that says so plainly, with the
+    model's best guess shown muted beneath, not as the answer."""
+    pngs = [encode(picture) for picture in outliers.shapes(CANDIDATES, 0)]
+    answers = requests.post(f"{ui_url}/predict", json={"images": pngs}, timeout=60).json()["results"]
+    index = next(i for i, answer in enumerate(answers) if answer["in_distribution"] is False)
+    image = tmp_path / "shape.png"
+    image.write_bytes(base64.b64decode(pngs[index]))
+    page.goto(ui_url)
+    page.set_input_files("#files", str(image))
+    card = page.locator(".card").first
+    expect(card).to_be_visible(timeout=30_000)
+    expect(card.locator(".prediction")).to_have_text("This does not look like a clothing item")
+    expect(card.locator(".best-guess")).to_contain_text(f"best guess, if it were one: {answers[index]['class_name']} (")
+    assert "rgb(148, 163, 184)" in card.locator(".bar.top").evaluate("bar => getComputedStyle(bar).backgroundColor")
+    page.screenshot(path=str(ARTIFACTS / "ui_not_clothing.png"), full_page=True)

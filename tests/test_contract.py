@@ -26,6 +26,16 @@ def test_raw_pixels_pass_through_unchanged(dataset):
     assert batch.dtype == np.float32 and np.array_equal(batch, images.astype(np.float32))
 
 
+def test_pixels_on_the_0_1_scale_are_read_as_torchvision_sends_them(dataset):
+    """A 28x28 float array within 0..1 (torchvision's ToTensor) is the same picture as its 0-255 original, and an
+    integer 0/1 mask is read as black and white: never as a nearly black image."""
+    image = dataset.test_images[:2]
+    unit = [(img / 255.0).tolist() for img in image]
+    np.testing.assert_allclose(_batch(pixels=unit), image.astype(np.float32), atol=1e-3)
+    mask = (image[0] > 0).astype(int)
+    np.testing.assert_array_equal(_batch(pixels=[mask.tolist()])[0], mask * 255.0)
+
+
 def test_png_of_a_dataset_image_reproduces_it(dataset):
     """Dataset images sent as PNG come back as themselves; the few whose faint edges were trimmed, rescaled
     by a pixel or two, stay close."""
@@ -111,9 +121,10 @@ def _tiff_base64() -> str:
     ({"pixels": [np.zeros((28, 28, 3)).tolist()]}, "shape"),
     ({"pixels": [np.full((28, 28), np.nan).tolist()]}, "NaN"),
     ({"pixels": [np.full((28, 28), np.inf).tolist()]}, "NaN or infinite"),
-    ({"pixels": [np.full((28, 28), -1.0).tolist()]}, "0..255"),
-    ({"pixels": [np.full((28, 28), 256.0).tolist()]}, "0..255"),
+    ({"pixels": [np.full((28, 28), -1.0).tolist()]}, "0-255 scale or all within 0..1, got -1..-1 \\(a normalised"),
+    ({"pixels": [np.full((28, 28), 256.0).tolist()]}, "0-255 scale or all within 0..1, got 256..256$"),
     ({"pixels": [[["a"] * 28] * 28]}, "numbers"),
+    ({"pixels": [np.ones((28, 28), bool).tolist()]}, "booleans: send grey levels"),
     ({"pixels": []}, "empty batch"),
     ({"image": ["not base64!!"]}, "base64"),
     ({"image": [base64.b64encode(b"hello, not an image").decode()]}, "not an image in an accepted format"),

@@ -33,8 +33,8 @@ def test_selection_score_is_the_served_models_validation_accuracy(dataset):
     cfg = config.validate({**TINY, "tta": True})
     result = training.train(cfg, dataset, progress=False)
     _, val_idx = data.stratified_split(dataset.train_labels, cfg["val_size"], cfg["seed"])
-    served = inference.probabilities(result.model, dataset.train_images[val_idx], True, result.bf16,
-                                     result.temperature)
+    logits = inference.logits(result.model, dataset.train_images[val_idx], True, result.bf16)
+    served = inference.calibrated(logits, result.temperature)
     assert result.best_val_accuracy == float((served.argmax(1) == dataset.train_labels[val_idx]).mean())
 
 

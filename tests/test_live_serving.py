@@ -16,7 +16,8 @@ import requests
 
 from fmnist_pyfunc import config, live_model, metrics, registry, scoring, tracking
 from fmnist_pyfunc.pyfunc_model import WEIGHTS_ARTIFACT
-from fmnist_testkit import harness
+from fmnist_testkit import harness, outliers
+from fmnist_testkit.images import encode
 
 pytestmark = pytest.mark.e2e  # one worker runs this module (conftest.ONE_WORKER_MODULES)
 
@@ -225,6 +226,7 @@ COUNTED = {  # name -> (server, metric, labels)
     "images": ("scoring", "fmnist_images_scored_total", {"kind": "image"}),
     "pixels": ("scoring", "fmnist_images_scored_total", {"kind": "pixels"}),
     "classes": ("scoring", "fmnist_predicted_class_total", {}),
+    "ood": ("scoring", "fmnist_out_of_distribution_total", {}),
     "bytes": ("scoring", "fmnist_http_request_bytes_total", {"route": "/invocations"}),
     "timed": ("scoring", "fmnist_http_request_seconds_count", {"route": "/invocations"}),
     "ui": ("ui", "fmnist_http_requests_total", {"server": "ui", "route": "/predict", "status": "200"}),
@@ -235,31 +237,41 @@ def _counts(urls: dict) -> dict:
     return {key: _metric(urls[server], name, **labels) for key, (server, name, labels) in COUNTED.items()}
 
 
+def _flagged(answers: list[dict]) -> int:
+    return sum(answer["in_distribution"] is False for answer in answers)
+
+
 def test_metrics_count_the_requests_sent(servers, dataset):
     """/metrics moves by exactly the requests sent: answers by route and status, rows by input kind, predicted
-    classes, request bytes, on the scoring server and on the UI, summed over their worker processes."""
+    classes, answers flagged as not clothing, request bytes, on the scoring server and on the UI, summed over
+    their worker processes."""
     scoring_url, ui_url = servers
     urls = {"scoring": scoring_url, "ui": ui_url}
-    before, sent = _counts(urls), 0
+    before, sent, flagged = _counts(urls), 0, 0
+    shapes = [{"image": encode(picture)} for picture in outliers.shapes(5, 0)]  # not clothing
     for i in range(5):
         rows = [{"image": _png(dataset, i)}, {"pixels": dataset.test_images[i].tolist()},
-                {"pixels": dataset.test_images[i + 1].tolist()}]
+                {"pixels": dataset.test_images[i + 1].tolist()}, shapes[i]]
         body = json.dumps({"dataframe_records": rows}).encode()
         sent += len(body)
         response = requests.post(f"{scoring_url}/invocations", data=body, timeout=30,
                                  headers={"Content-Type": "application/json"})
         assert response.status_code == 200
+        flagged += _flagged(response.json()["predictions"])
     bad = {"dataframe_records": [{"pixels": [[1]]}]}
     assert requests.post(f"{scoring_url}/invocations", json=bad, timeout=30).status_code == 400
     for i in range(3):  # each one image, scored through the scoring server
-        assert requests.post(f"{ui_url}/predict", json={"images": [_png(dataset, i)]}, timeout=30).status_code == 200
+        response = requests.post(f"{ui_url}/predict", json={"images": [_png(dataset, i)]}, timeout=30)
+        assert response.status_code == 200
+        flagged += _flagged(response.json()["results"])
     # Rows and classes are counted after each answer has gone out: wait until the last of them is.
-    _until(lambda: _counts(urls)["classes"] - before["classes"], lambda counted: counted >= 15 + 3,
+    _until(lambda: _counts(urls)["classes"] - before["classes"], lambda counted: counted >= 20 + 3,
            "the scored rows were never counted")
     after = _counts(urls)
     moved = {key: after[key] - before[key] for key in COUNTED}
-    assert {k: moved[k] for k in ("ok", "bad", "images", "pixels", "classes", "ui")} == {
-        "ok": 5 + 3, "bad": 1, "images": 5 + 3, "pixels": 10, "classes": 15 + 3, "ui": 3}
+    assert {k: moved[k] for k in ("ok", "bad", "images", "pixels", "classes", "ood", "ui")} == {
+        "ok": 5 + 3, "bad": 1, "images": 10 + 3, "pixels": 10, "classes": 20 + 3, "ood": flagged, "ui": 3}
+    assert flagged >= 1  # the shapes: the count is of something
     assert moved["bytes"] >= sent and moved["timed"] == 5 + 3 + 1
 
 

@@ -32,30 +32,37 @@ def test_server_answers_ping_and_version(scoring_url):
     assert requests.get(f"{scoring_url}/version", timeout=5).text.strip() == mlflow.__version__
 
 
-def _served_classes(scoring_url: str, rows: list[dict]) -> np.ndarray:
+def _served(scoring_url: str, rows: list[dict]) -> pd.DataFrame:
     response = _invoke(scoring_url, rows)
     assert response.status_code == 200, response.text[:500]
-    return np.array([p["class_index"] for p in response.json()["predictions"]])
+    return pd.DataFrame(response.json()["predictions"])
+
+
+def _assert_same_answers(served: pd.DataFrame, expected: pd.DataFrame, kind: str) -> None:
+    """Same classes, same in_distribution flags, same out-of-distribution scores."""
+    assert np.array_equal(served["class_index"], expected["class_index"]), kind
+    assert np.array_equal(served["in_distribution"].astype(bool), expected["in_distribution"].astype(bool)), kind
+    np.testing.assert_allclose(served["ood_score"], expected["ood_score"], rtol=1e-6, atol=1e-6, err_msg=kind)
 
 
 def test_every_input_kind_through_invocations_matches_in_process_predict(scoring_url, trained_run, dataset):
-    """Raw pixels and PNG/JPEG images over HTTP give the in-process pyfunc's answers, at the model's accuracy."""
+    """Raw pixels and PNG/JPEG images over HTTP give the in-process pyfunc's answers (class, in_distribution,
+    ood_score), at the model's accuracy."""
     images, labels = dataset.test_images[:N_IMAGES], dataset.test_labels[:N_IMAGES]
     model = mlflow.pyfunc.load_model(trained_run.data.tags["model_uri"])
     test_accuracy = trained_run.data.metrics["test_accuracy"]
     for kind, rows in rows_of_each_kind(images, PHOTO_SIDE).items():
-        predicted = _served_classes(scoring_url, rows)
-        expected = model.predict(pd.DataFrame(rows))["class_index"].to_numpy()
-        assert np.array_equal(predicted, expected), kind
+        served = _served(scoring_url, rows)
+        _assert_same_answers(served, model.predict(pd.DataFrame(rows)), kind)
         tolerance = 0.05 if kind == "pixels" else 0.12  # a few images change by a re-centring pixel
-        assert (predicted == labels).mean() >= test_accuracy - tolerance, kind
+        assert (served["class_index"] == labels).mean() >= test_accuracy - tolerance, kind
 
 
 def test_plain_mlflow_models_serve_answers_as_our_scoring_server(production, scoring_url, tracking_uri, dataset,
                                                                 tmp_path):
     """MLflow's own `mlflow models serve -m models:/fashion-mnist-cnn/Production --env-manager local`, as the
     docs give it, loads the Production model (without unpickling) and answers pixels, PNG and JPEG rows exactly
-    as our scoring server does: the model needs none of our server's code."""
+    as our scoring server does, out-of-distribution fields included: the model needs none of our server's code."""
     port = free_port()
     command = harness.plain_mlflow_command(config.PRODUCTION_MODEL_URI, config.LOOPBACK, port)
     env = child_env(tracking_uri)  # as the scoring_server fixture's, so both serve the same store
@@ -63,8 +70,7 @@ def test_plain_mlflow_models_serve_answers_as_our_scoring_server(production, sco
     plain_url = f"http://{config.LOOPBACK}:{port}"
     with harness.running(command, env, f"{plain_url}/ping", tmp_path / "plain.log"):
         for kind, rows in rows_of_each_kind(dataset.test_images[:N_IMAGES], PHOTO_SIDE).items():
-            ours = _served_classes(scoring_url, rows)
-            assert np.array_equal(_served_classes(plain_url, rows), ours), kind
+            _assert_same_answers(_served(plain_url, rows), _served(scoring_url, rows), kind)
 
 
 def test_bad_request_is_400_with_a_clear_message(scoring_url, dataset):

@@ -66,7 +66,7 @@ def test_logged_model_predicts_both_input_kinds(trained_run, dataset):
     frame = pd.DataFrame({"pixels": [img.tolist() for img in images[:100]] + [None] * 100,
                           "image": [None] * 100 + [png_base64(img) for img in images[100:]]})
     out = model.predict(frame)
-    assert list(out.columns) == ["class_index", "class_name", "probabilities"]
+    assert list(out.columns) == ["class_index", "class_name", "probabilities", "in_distribution", "ood_score"]
     assert np.allclose([sum(p) for p in out["probabilities"]], 1.0, atol=1e-4)
     accuracy = (out["class_index"].to_numpy() == labels).mean()
     assert accuracy > 0.5

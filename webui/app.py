@@ -227,6 +227,8 @@ def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTR
         predictions, model = _score(upstream, scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
                     "probability": max(p["probabilities"]), "probabilities": p["probabilities"],
+                    # null from a model logged before the out-of-distribution detector
+                    "in_distribution": p.get("in_distribution"), "ood_score": p.get("ood_score"),
                     "seen": _seen_png(p)}
                    for (name, _), p in zip(uploads, predictions, strict=True)]
         return jsonify(results=results, class_names=config.CLASS_NAMES, model=model)

@@ -33,11 +33,22 @@ function card(result, previewUrl, classNames, model) {
   name.textContent = result.filename;
   const prediction = document.createElement("div");
   prediction.className = "prediction";
-  prediction.textContent = `${result.class_name} (${(100 * result.probability).toFixed(1)} %)`;
+  const guess = `${result.class_name} (${(100 * result.probability).toFixed(1)} %)`;
+  // in_distribution is false when the picture does not look like clothing; null from older models
+  const notClothing = result.in_distribution === false;
+  prediction.textContent = notClothing ? "This does not look like a clothing item" : guess;
   const answeredBy = document.createElement("div");
   answeredBy.className = "muted answered-by";
   answeredBy.textContent = `answered by ${modelLabel(model)}`;
-  text.append(name, prediction, answeredBy);
+  text.append(name, prediction);
+  if (notClothing) {
+    el.classList.add("not-clothing");
+    const bestGuess = document.createElement("div");
+    bestGuess.className = "muted best-guess";
+    bestGuess.textContent = `the model's best guess, if it were one: ${guess}`;
+    text.append(bestGuess);
+  }
+  text.append(answeredBy);
   head.append(img);
   if (result.seen) {  // what the model classified after preprocessing: 28x28, shown enlarged
     const seen = document.createElement("img");
