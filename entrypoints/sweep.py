@@ -1,7 +1,7 @@
 """Search hyperparameters with Optuna (each trial an MLflow child run), then promote the best model.
 
-    python -m entrypoints.sweep                      # default preset: wider networks, 24 epochs, ~30 min on 2 CPU cores
-    python -m entrypoints.sweep --preset quick       # a few minutes, for demos and CI
+    python -m entrypoints.sweep                      # default preset: 28 min of trials on any machine, then promotion
+    python -m entrypoints.sweep --preset quick       # 2 minutes, for demos and CI
     mlflow run . -e sweep --env-manager local -P preset=quick
 Interrupt it (Ctrl-C) and start it again with the same --study: it continues where it stopped.
 """
@@ -18,7 +18,7 @@ import sqlalchemy.engine
 import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 
-from fmnist_pyfunc import cli, config, data, promotion, sweep
+from fmnist_pyfunc import cli, config, data, promotion, sweep, sweep_plan
 
 # What a dead PostgreSQL (Optuna's storage) or tracking server surfaces as, from Optuna, SQLAlchemy or requests.
 LOST_BACKEND_ERRORS = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError,
@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="search space and budget (default: %(default)s)")
     parser.add_argument("--n-trials", type=int, default=0,
                         help="trials to complete in the study, across restarts and workers (default: the preset's)")
-    parser.add_argument("--timeout-minutes", type=float, default=0,
-                        help="start no new trial after this long (default: the preset's)")
+    parser.add_argument("--budget-minutes", type=float, default=0,
+                        help="wall time for the trials and their evaluation, on any machine; promotion follows "
+                             "(default: the preset's: " + ", ".join(f"{name} {preset.budget_minutes:g}"
+                                                                    for name, preset in sweep.PRESETS.items()) + ")")
     parser.add_argument("--n-jobs", type=int, default=1, help="parallel trials in this process (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=config.TRAIN_DEFAULTS["seed"],
                         help="sampler seed and the trials' training seed (default: %(default)s)")
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="promote the best trial's model at the end (default: %(default)s)")
     cli.add_experiment_argument(parser)
     args = parser.parse_args(argv)
-    if args.n_trials < 0 or args.timeout_minutes < 0 or args.n_jobs < 1:
-        parser.error("--n-trials and --timeout-minutes must be >= 0 and --n-jobs >= 1")
+    if args.n_trials < 0 or args.budget_minutes < 0 or args.n_jobs < 1:
+        parser.error("--n-trials and --budget-minutes must be >= 0 and --n-jobs >= 1")
     if sqlalchemy.engine.make_url(args.storage).password:
         parser.error("--storage holds a password, which would be kept as a run parameter for everyone to read: "
                      "drop it from the URL and set PGPASSWORD, or put it in ~/.pgpass (PostgreSQL reads both)")
@@ -64,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     cli.use_experiment(args.experiment)
     try:
         return sweep_and_promote(args, dataset)
+    except sweep_plan.BudgetTooSmall as exc:
+        print(f"[sweep] {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if not lost_backend(exc):
             raise
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def sweep_and_promote(args: argparse.Namespace, dataset: data.FashionMNIST) -> int:
     with mlflow.start_run(run_name=f"sweep-{args.study}"):
-        study, best_run_id, promoter = sweep.run_sweep(args.preset, args.n_trials, args.timeout_minutes, args.n_jobs,
+        study, best_run_id, promoter = sweep.run_sweep(args.preset, args.n_trials, args.budget_minutes, args.n_jobs,
                                              args.seed, args.storage, args.study, dataset)
         if best_run_id is None:
             print("[sweep] no trial completed; nothing to promote", file=sys.stderr)

@@ -1,5 +1,7 @@
 """Hyperparameter search with Optuna (TPE sampling, median pruning); every trial is an MLflow child run.
 
+The sweep keeps a time budget on any machine: it measures the machine, sizes the trials to fit, and ends
+a trial at an epoch boundary when the deadline comes (`sweep_plan.py`).
 The study lives in Optuna storage (SQLite beside mlflow.db by default, PostgreSQL for teams), so a sweep
 that is interrupted and started again with the same study name continues where it stopped. Trials left
 RUNNING by a killed process are failed through Optuna's heartbeat, and their MLflow runs marked KILLED.
@@ -8,6 +10,8 @@ How several workers share one study is `workers.py`'s job; this module is the se
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-from fmnist_pyfunc import config, data, reporting, tracking, workers
+from fmnist_pyfunc import config, data, reporting, sweep_plan, tracking, workers
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_STUDY = "fmnist-sweep"
@@ -27,40 +31,43 @@ HEARTBEAT_SECONDS = 10     # a live worker refreshes its running trial this ofte
 GRACE_SECONDS = 20         # ...so a trial silent for heartbeat + grace belongs to a dead worker: failed
 STORAGE_CREATE_ATTEMPTS = 3  # a fresh shared database: one worker creates the schema, the others retry
 MAX_FAILED_TRIALS = 3        # failed trials are replaced by new ones, this many per run: a systematic error stops
-PRUNER_STARTUP_TRIALS = 2  # trials that always run to the end, to give the median a baseline
+PRUNER_STARTUP_TRIALS = 1  # trials that always run to the end: trial 0, the baseline later ones must keep up with
 PRUNER_WARMUP_EPOCHS = 3   # early epochs are noisy under a one-cycle schedule: never prune there
+PLAN_ATTR = "plan"         # the study's user attribute that keeps its trial shape
 
 
 @dataclass(frozen=True)
 class Preset:
-    n_trials: int
-    timeout_minutes: float  # no new trial starts after this; a running trial finishes
-    fixed: dict             # training parameters every trial shares (on top of TRAIN_DEFAULTS)
-    widths: tuple           # the CNN widths searched: the one searched parameter whose range depends on the budget
-    first_trial_changes: dict | None  # trial 0: TRAIN_DEFAULTS' searched values with these changes (None: no trial 0)
+    budget_minutes: float  # the search's wall time on any machine: trials with their evaluation (promotion follows)
+    widths: tuple          # CNN widths, widest first: the plan takes the widest whose trials fit (sweep_plan.py)
+    epochs: tuple          # (fewest, most) epochs of a trial, as the budget allows on this machine
+    min_trials: int        # configurations the budget leaves room for on any machine
+    max_trials: int        # a fast machine searches more, up to this many trials
+    fixed: dict            # training parameters every trial shares (on top of TRAIN_DEFAULTS)
+    defaults_first: bool   # trial 0 is TRAIN_DEFAULTS' searched values: the tuned baseline the pruner compares with
     description: str
 
 
 PRESETS = {
     # Longer and wider than `train`, which is already tuned for 14 epochs at width 32 (sweeping around it found
-    # nothing better). Width bought more than epochs (docs/training.md, Sweep and promotion, has the runs), so
-    # trial 0 is width 48. A trial started before the deadline runs to its end: a second one starts only if
-    # trial 0 ended before it.
-    "default": Preset(n_trials=8, timeout_minutes=14, fixed={"epochs": 24}, widths=(32, 40, 48),
-                      first_trial_changes={"width": 48},
-                      description="24 epochs: width, batch size, lr, weight decay, label smoothing, dropout, "
-                                  "augmentation"),
-    # Demos and CI: 3 epochs on a 10k-image slice, seconds a trial (the defaults are not tuned for this budget).
-    "quick": Preset(n_trials=6, timeout_minutes=5, fixed={"epochs": 3, "max_train_samples": 10000, "val_size": 1000},
-                    widths=(8, 16), first_trial_changes=None,
+    # nothing better); width bought more than epochs (docs/training.md, Sweep and promotion). Trial 0, the tuned
+    # defaults in the planned shape, runs in full; later trials behind it are pruned after 4 epochs. 28 min of
+    # trials and ~1 min of promotion keep `make sweep` within half an hour on the slowest 2-core CPU we know.
+    "default": Preset(budget_minutes=28, widths=(48, 40, 32), epochs=(14, 24), min_trials=3, max_trials=12,
+                      fixed={}, defaults_first=True,
+                      description="batch size, lr, weight decay, label smoothing, dropout, augmentation at the "
+                                  "widest network the budget allows"),
+    # Demos and CI: 3 epochs on a 10k-image slice, ~20 s a trial on 2 cores (the defaults are not tuned for it).
+    "quick": Preset(budget_minutes=2, widths=(16, 8), epochs=(3, 3), min_trials=3, max_trials=6,
+                    fixed={"max_train_samples": 10000, "val_size": 1000}, defaults_first=False,
                     description="small CNNs on a 10k-image slice, 3 epochs"),
 }
 
 
 def search_space(preset: Preset) -> dict[str, optuna.distributions.BaseDistribution]:
-    """The parameters that moved validation accuracy in our runs, in sensible ranges."""
+    """The parameters that moved validation accuracy in our runs, in sensible ranges. Width and epochs are not
+    searched: the budget sets them on each machine, so that every trial costs the same (sweep_plan.py)."""
     return {
-        "width": CategoricalDistribution(preset.widths),
         "batch_size": CategoricalDistribution((128, 256)),  # smaller: more, noisier steps per epoch
         "lr": FloatDistribution(0.05, 0.4, log=True),
         "weight_decay": FloatDistribution(1e-4, 2e-3, log=True),
@@ -81,7 +88,7 @@ def suggest(trial: optuna.Trial, preset: Preset) -> dict:
 
 
 def first_trial(preset: Preset) -> dict:
-    return {**{name: config.TRAIN_DEFAULTS[name] for name in search_space(preset)}, **preset.first_trial_changes}
+    return {name: config.TRAIN_DEFAULTS[name] for name in search_space(preset)}
 
 
 def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
@@ -108,7 +115,7 @@ def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
 
 
 def make_objective(preset: Preset, dataset: data.FashionMNIST, parent_run_id: str, base: dict,
-                   budget: workers.SharedBudget):
+                   budget: workers.SharedBudget, deadline: sweep_plan.Deadline):
     def objective(trial: optuna.Trial) -> float:
         slot = budget.claim(trial)  # several workers: the budget is exact, not per worker
         cfg = config.validate({**base, **suggest(trial, preset)})
@@ -117,10 +124,18 @@ def make_objective(preset: Preset, dataset: data.FashionMNIST, parent_run_id: st
             trial.set_user_attr("mlflow_run_id", run_id)
             mlflow.set_tags({"optuna.study": trial.study.study_name, "optuna.trial": trial.number})
 
-        def report(epoch: int, metrics: dict) -> None:
+        def report(epoch: int, metrics: dict) -> bool:
             trial.report(metrics["val_accuracy"], epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val_accuracy {metrics['val_accuracy']:.4f} < median at epoch {epoch}")
+            if not deadline.ends_after(epoch, metrics["epoch_seconds"], slot):
+                return False
+            cut = f"after epoch {epoch + 1} of {cfg['epochs']}"
+            trial.set_user_attr("cut_by_deadline", cut)
+            mlflow.set_tag("sweep.cut_by_deadline", cut)
+            print(f"[sweep] trial {trial.number}: the deadline is near, so it stops {cut} and is evaluated with "
+                  "its best epoch", flush=True)
+            return True
 
         try:
             run_id = tracking.run_training(cfg, dataset, parent_run_id=parent_run_id, on_epoch=report,
@@ -138,20 +153,49 @@ def make_objective(preset: Preset, dataset: data.FashionMNIST, parent_run_id: st
     return objective
 
 
-def progress_printer(n_trials: int, started: float, timeout_s: float):
+def progress_printer(n_trials: int, deadline: sweep_plan.Deadline):
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         done = [t for t in study.trials if t.state.is_finished()]
         value = f"{trial.value:.4f}" if trial.value is not None else "-"
         best = f"{study.best_value:.4f}" if any(t.value is not None for t in done) else "-"
-        elapsed = time.time() - started
-        mean = elapsed / max(1, len(done))
-        left = max(0, n_trials - len(done))
-        # The deadline, not the trial budget, usually ends a sweep: after it no trial starts.
-        outlook = ("no new trial after the deadline" if left and elapsed >= timeout_s else
-                   f"~{min(left * mean, timeout_s - elapsed + mean) / 60:.1f} min left")
+        left = max(0.0, deadline.left_s()) / 60
+        outlook = (f"{left:.1f} min of the budget left" if deadline.may_start() else
+                   f"no new trial: {left:.1f} min left, and a trial needs "
+                   f"{deadline.plan.shortest_trial_s() / 60:.1f} to reach its pruning point and be evaluated")
         print(f"[sweep] trial {trial.number} {trial.state.name}: val_acc {value} | best {best} | "
-              f"{len(done)}/{n_trials} done | {elapsed / 60:.1f} min elapsed, {outlook}", flush=True)
+              f"{len(done)}/{n_trials} done | {outlook}", flush=True)
     return callback
+
+
+def keep_deadline(deadline: sweep_plan.Deadline):
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not deadline.may_start():
+            study.stop()
+    return callback
+
+
+def plan_for(study: optuna.Study, preset: Preset, base: dict, dataset: data.FashionMNIST, deadline_at: float,
+             n_trials: int, n_jobs: int) -> sweep_plan.Plan:
+    """The study's trial shape, planned by its first worker on its machine and kept in the study, so that all
+    its trials (resumed, or run by other workers) train the same network for the same epochs and compare;
+    each worker measures its own machine for its own deadline."""
+    def cost_of(width: int) -> sweep_plan.Cost:
+        return sweep_plan.measure(config.validate({**base, "width": width}), dataset)
+
+    # Parallel trials share the machine (each measured with its share of the threads) and the budget.
+    min_trials = math.ceil(min(preset.min_trials, n_trials or preset.min_trials) / n_jobs)
+    shape = study.user_attrs.get(PLAN_ATTR)
+    if shape is None:
+        costs = {width: cost_of(width) for width in preset.widths}
+        plan = sweep_plan.plan(deadline_at - time.time(), costs, preset.epochs, min_trials, preset.max_trials,
+                               PRUNER_WARMUP_EPOCHS)
+        plan = dataclasses.replace(plan, n_trials=min(preset.max_trials, plan.n_trials * n_jobs))
+        study.set_user_attr(PLAN_ATTR, {"width": plan.width, "epochs": plan.epochs, "n_trials": plan.n_trials})
+    else:
+        cost = cost_of(shape["width"])
+        plan = sweep_plan.Plan(**shape, min_trials=min_trials, cost=cost, warmup_epochs=PRUNER_WARMUP_EPOCHS,
+                               budget_s=deadline_at - time.time())
+    return dataclasses.replace(plan, n_trials=n_trials or plan.n_trials)
 
 
 def log_summary(study: optuna.Study, preset: Preset) -> str | None:
@@ -171,38 +215,47 @@ def log_summary(study: optuna.Study, preset: Preset) -> str | None:
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
     mlflow.log_metrics({"best_val_accuracy": best.value, "trials_complete": len(completed),
                         "trials_pruned": sum(t.state.name == "PRUNED" for t in trials),
-                        "trials_failed": sum(t.state.name == "FAIL" for t in trials)})
+                        "trials_failed": sum(t.state.name == "FAIL" for t in trials),
+                        "trials_cut": sum("cut_by_deadline" in t.user_attrs for t in trials)})
     mlflow.set_tag("best_run_id", best.user_attrs["mlflow_run_id"])
     return best.user_attrs["mlflow_run_id"]
 
 
-def run_sweep(preset_name: str, n_trials: int, timeout_minutes: float, n_jobs: int, seed: int, storage: str,
+def run_sweep(preset_name: str, n_trials: int, budget_minutes: float, n_jobs: int, seed: int, storage: str,
               study_name: str, dataset: data.FashionMNIST) -> tuple[optuna.Study, str | None, bool]:
-    """Run (or continue) the study inside the active MLflow run.
+    """Run (or continue) the study inside the active MLflow run, within `budget_minutes` (0: the preset's).
 
     Returns the study, the best run id, and whether this worker is the one that promotes."""
     preset = PRESETS[preset_name]
-    budget = workers.SharedBudget(n_trials or preset.n_trials)
-    timeout_minutes = timeout_minutes or preset.timeout_minutes
+    budget_s = (budget_minutes or preset.budget_minutes) * 60
+    started = time.time()
     base = {**config.TRAIN_DEFAULTS, **preset.fixed, "seed": seed}  # one seed: all trials share the val split
     # In-process workers share this process's threads (torch honours OMP_NUM_THREADS for several processes).
     torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
     study = open_study(study_name, storage, seed)
+    plan = plan_for(study, preset, base, dataset, started + budget_s, n_trials, n_jobs)
+    print(plan.describe(), flush=True)
+    deadline = sweep_plan.Deadline(started + budget_s, plan)
+    base = {**base, "width": plan.width, "epochs": plan.epochs}
+    budget = workers.SharedBudget(plan.n_trials)
     mlflow.set_tags({"optuna.study": study_name, "optuna.storage": storage.split("@")[-1], "sweep.preset": preset_name,
-                     "sweep.searches": preset.description})
-    if preset.first_trial_changes is not None and not study.trials:
+                     "sweep.searches": preset.description,
+                     "sweep.plan": f"{plan.n_trials} trials of {plan.epochs} epochs at width {plan.width}"})
+    mlflow.log_dict({**dataclasses.asdict(plan), "cpu": torch.backends.cpu.get_cpu_capability()}, "sweep/plan.json")
+    if preset.defaults_first and not study.trials:
         study.enqueue_trial(first_trial(preset))
     remaining = budget.n_trials - len(study.get_trials(deepcopy=False, states=workers.COUNTED))
     print(f"[sweep] study {study_name!r}: {budget.n_trials - remaining} of {budget.n_trials} trials already done",
           flush=True)
-    if remaining > 0:
+    if remaining > 0 and deadline.may_start():
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         # MaxTrialsCallback counts every worker's trials, so parallel workers stop at the shared budget.
-        study.optimize(make_objective(preset, dataset, mlflow.active_run().info.run_id, base, budget),
-                       n_trials=remaining + MAX_FAILED_TRIALS,
-                       timeout=timeout_minutes * 60, n_jobs=n_jobs, catch=(Exception,),
+        study.optimize(make_objective(preset, dataset, mlflow.active_run().info.run_id, base, budget, deadline),
+                       n_trials=remaining + MAX_FAILED_TRIALS, timeout=deadline.left_s(), n_jobs=n_jobs,
+                       catch=(Exception,),
                        callbacks=[optuna.study.MaxTrialsCallback(budget.n_trials, states=workers.COUNTED),
-                                  progress_printer(budget.n_trials, time.time(), timeout_minutes * 60)])
+                                  keep_deadline(deadline), progress_printer(budget.n_trials, deadline)])
+    mlflow.log_metric("sweep_seconds", time.time() - started)
     promoter = budget.is_promoter(study, had_work=remaining > 0)
     if promoter:
         workers.wait_for_other_workers(study)

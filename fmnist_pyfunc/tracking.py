@@ -95,7 +95,7 @@ def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.Fashio
 
 
 def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | None = None,
-                 on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True,
+                 on_epoch: Callable[[int, dict], bool | None] | None = None, progress: bool = True,
                  run_name: str | None = None, on_start: Callable[[str], None] | None = None) -> str:
     """Train with `cfg` inside an MLflow run (a child of `parent_run_id` if given); return the run id.
 
@@ -112,10 +112,9 @@ def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | Non
                          "data_source": str(dataset.source), "torch_version": torch.__version__})
         mlflow.log_dict(cfg, "config.json")
 
-        def log_epoch(epoch: int, metrics: dict) -> None:
+        def log_epoch(epoch: int, metrics: dict) -> bool | None:
             mlflow.log_metrics(metrics, step=epoch)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+            return on_epoch(epoch, metrics) if on_epoch is not None else None
 
         result = training.train(cfg, dataset, on_epoch=log_epoch, progress=progress)
         mlflow.log_metrics({

@@ -1,7 +1,7 @@
 """The training loop: one readable pass from config to a trained network, with no MLflow in it.
 
 Callers (the `train` entry point, the sweep) observe progress through `on_epoch`, which may raise to
-stop training (Optuna pruning does).
+abandon training (Optuna pruning does) or return True to end it after that epoch (the sweep's deadline does).
 """
 
 from __future__ import annotations
@@ -98,8 +98,53 @@ def optimiser(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):
     return optimizer, schedule
 
 
+def train_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, optimizer, schedule,
+         label_smoothing: float, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step; returns the batch's loss (detached) and logits."""
+    with inference.autocast(inputs.device, bf16):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return loss.detach(), logits
+
+
+def measure(cfg: dict, dataset: data.FashionMNIST, steps: int, images: int) -> tuple[float, float]:
+    """Seconds per training step and per evaluated image for `cfg`'s network, batch size, augmentation and
+    precision on this machine: `steps` real steps on training images, then one evaluation pass over `images`
+    images, each after an untimed warm-up (the first call allocates and picks kernels)."""
+    device = resolve_device(cfg["device"])
+    bf16 = inference.use_bf16(cfg["precision"], device)
+    model = models.build(cfg["arch"], cfg["width"], cfg["depth"], cfg["dropout"])
+    model = model.to(device, memory_format=models.memory_format(cfg["arch"]))
+    optimizer, schedule = optimiser(model, {**cfg, "epochs": 1}, steps + 1)
+    x = models.normalize(dataset.train_images[:cfg["batch_size"]]).to(device)
+    y = torch.from_numpy(dataset.train_labels[:cfg["batch_size"]]).to(device)
+    generator = torch.Generator(device=device).manual_seed(cfg["seed"])
+    for i in range(steps + 1):
+        if i == 1:
+            _synchronize(device)
+            start = time.perf_counter()
+        train_step(model, augment.augment(x, cfg["augment"], generator), y, optimizer, schedule, cfg["label_smoothing"],
+             bf16)
+    _synchronize(device)
+    step_s = (time.perf_counter() - start) / steps
+    model.eval()
+    inference.forward(model, dataset.train_images[:cfg["batch_size"]], tta=False, bf16=bf16)  # warm-up, untimed
+    start = time.perf_counter()
+    inference.forward(model, dataset.train_images[:images], tta=False, bf16=bf16)
+    return step_s, (time.perf_counter() - start) / images
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # CUDA runs asynchronously: time what it did, not what it was given
+        torch.cuda.synchronize()
+
+
 def train(cfg: dict, dataset: data.FashionMNIST,
-          on_epoch: Callable[[int, dict], None] | None = None, progress: bool = True) -> TrainResult:
+          on_epoch: Callable[[int, dict], bool | None] | None = None, progress: bool = True) -> TrainResult:
     """Train on the stratified training split; select the epoch with the best validation accuracy."""
     generator = seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
@@ -135,14 +180,8 @@ def train(cfg: dict, dataset: data.FashionMNIST,
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
             inputs = augment.augment(x_train[idx], cfg["augment"], aug_generator)
-            with inference.autocast(device, bf16):
-                logits = model(inputs)
-                loss = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=cfg["label_smoothing"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach()
+            loss, logits = train_step(model, inputs, y_train[idx], optimizer, schedule, cfg["label_smoothing"], bf16)
+            loss_sum += loss
             correct += (logits.argmax(1) == y_train[idx]).sum()
 
         # Each epoch scores the image alone (no mirror average): enough to compare epochs, at half the cost
@@ -164,8 +203,8 @@ def train(cfg: dict, dataset: data.FashionMNIST,
             best_state, epochs_without_gain = copy.deepcopy(model.state_dict()), 0
         else:
             epochs_without_gain += 1
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+        if on_epoch is not None and on_epoch(epoch, metrics):
+            break  # the caller's deadline: the best epoch so far is the result
         if cfg["patience"] and epochs_without_gain >= cfg["patience"]:
             break
 
