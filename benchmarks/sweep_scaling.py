@@ -27,7 +27,8 @@ def run_workers(workers: int, args: argparse.Namespace, root: Path) -> float:
     threads = max(1, (os.cpu_count() or 1) // workers)
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking, OMP_NUM_THREADS=str(threads))
     command = [sys.executable, "-m", "entrypoints.sweep", "--preset", args.preset, "--n-trials", str(args.n_trials),
-               "--storage", storage, "--study", f"scaling-{workers}-{int(time.time())}", "--promote", "false",
+               "--budget-minutes", str(args.budget_minutes), "--storage", storage,
+               "--study", f"scaling-{workers}-{int(time.time())}", "--promote", "false",
                "--experiment", "sweep-scaling"]
     # Create the store's schema once: MLflow's SQLite migrations race when two processes open a new file.
     mlflow.MlflowClient(tracking_uri=tracking).search_experiments()
@@ -45,6 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="quick", help="sweep preset (default: %(default)s)")
     parser.add_argument("--n-trials", type=int, default=6, help="study budget (default: %(default)s)")
+    parser.add_argument("--budget-minutes", type=float, default=60,
+                        help="each run's time budget, far above what the trials need, so that both train the same "
+                             "shape and finish the same trials (default: %(default)s)")
     parser.add_argument("--storage", default="", help="Optuna storage URL (default: a temporary SQLite file)")
     parser.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: a temporary SQLite file)")
     args = parser.parse_args()

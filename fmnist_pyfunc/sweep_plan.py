@@ -25,7 +25,9 @@ from fmnist_pyfunc import data, ood, training
 TIMED_STEPS = 8        # training steps timed per width: ~4 s at width 48 on the slowest CPU we know, within 10 %
                        # of the epochs the sweep then runs there
 TIMED_IMAGES = 1000    # images of the evaluation pass timed per width
-LOGGING_S = 5.0        # a trial's plots, model files and tracking calls: ~3-5 s on 2 cores, whatever the width
+EVALUATION_FACTOR = 1.6  # a trial's evaluation also fits and scores the detector and draws its reports: 1.6x its
+                         # timed passes (the default network's trial on the AVX2-only EPYC: 55 s against 31 s)
+LOGGING_S = 5.0        # a trial's model files and tracking calls: ~3-5 s on 2 cores, whatever the width
 TEST_IMAGES = 10_000   # the test set every trial is scored on
 
 
@@ -108,7 +110,7 @@ def measure(cfg: dict, dataset: data.FashionMNIST) -> Cost:
     views = 2 if cfg["tta"] else 1  # the mirror doubles every evaluation pass
     evaluated = views * (cfg["val_size"] + TEST_IMAGES + min(ood.FIT_IMAGES, train_images) + cfg["val_size"])
     return Cost(epoch_s=train_images // cfg["batch_size"] * step_s + cfg["val_size"] * image_s,
-                evaluation_s=evaluated * image_s + LOGGING_S)
+                evaluation_s=evaluated * image_s * EVALUATION_FACTOR + LOGGING_S)
 
 
 def plan(budget_s: float, costs: dict[int, Cost], epochs: tuple[int, int], min_trials: int, max_trials: int,

@@ -11,23 +11,31 @@ import pandas as pd
 import pytest
 from conftest import mlflow_run
 
-from fmnist_pyfunc import config, registry, sweep
+from fmnist_pyfunc import config, registry, sweep, sweep_plan, workers
 from fmnist_testkit.harness import child_env
 
 pytestmark = pytest.mark.e2e
 
+SMALL_BUDGET_MINUTES = 1.0  # a quick sweep's budget: 2-6 trials on a 2-core machine, plus an unused one
+BUDGET_SLACK_S = 10         # the trials may end this late: an estimate's error within one short trial
+AMPLE_BUDGET_MINUTES = 30   # far above what the other tests' trials need: they are not about the budget
 
-def test_sweep_links_children_and_promotes_the_best(private_store, tmp_path, dataset):
-    """A quick sweep under `mlflow run` logs one parent with 3 finished child runs, each with every training
-    parameter and a model; the parent names the best child and its plots; Production then loads and predicts."""
+
+def test_sweep_keeps_its_budget_links_children_and_promotes_the_best(private_store, tmp_path, dataset):
+    """A quick sweep under `mlflow run`, given 1 minute and room for 20 trials, ends its trials within the budget
+    (plus an epoch's slack); it tried more than one configuration, each a finished child run with every training
+    parameter and a model; the parent names the best child, its plots and its plan; Production then loads it."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    mlflow_run("sweep", {"preset": "quick", "n_trials": 3, "storage": storage, "study": "e2e"},
-               private_store, "e2e-sweep", tmp_path)
+    mlflow_run("sweep", {"preset": "quick", "n_trials": 20, "budget_minutes": SMALL_BUDGET_MINUTES,
+                         "storage": storage, "study": "e2e"}, private_store, "e2e-sweep", tmp_path)
     runs = mlflow.search_runs(experiment_names=["e2e-sweep"], output_format="list")
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(parents) == 1 and len(children) == 3
+    assert len(parents) == 1
     parent = parents[0]
+    trials_s = (max(c.info.end_time for c in children) - parent.info.start_time) / 1000
+    assert trials_s <= SMALL_BUDGET_MINUTES * 60 + BUDGET_SLACK_S, f"{len(children)} trials took {trials_s:.0f} s"
+    assert len({c.data.params["lr"] for c in children}) == len(children) >= sweep.PRESETS["quick"].min_trials
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" and "model_uri" in c.data.tags for c in children)
     assert all(set(config.TRAIN_DEFAULTS) <= set(c.data.params) for c in children)
@@ -36,7 +44,7 @@ def test_sweep_links_children_and_promotes_the_best(private_store, tmp_path, dat
     assert parent.data.tags["best_run_id"] in best, {r.info.run_id: r.data.metrics["best_val_accuracy"]
                                                      for r in children}
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "sweep")}
-    assert {"sweep/search.png", "sweep/search_space.json", "sweep/trials.json"} <= artifacts
+    assert {"sweep/search.png", "sweep/search_space.json", "sweep/trials.json", "sweep/plan.json"} <= artifacts
     assert parent.data.tags["promotion.promoted"] == "true"  # an empty registry: the best is promoted
     with registry.stages_quietly():
         model = mlflow.pyfunc.load_model(config.PRODUCTION_MODEL_URI)
@@ -45,9 +53,37 @@ def test_sweep_links_children_and_promotes_the_best(private_store, tmp_path, dat
     assert (model.predict(frame)["class_index"].to_numpy() == dataset.test_labels[:50]).mean() > 0.5
 
 
+def test_a_trial_the_deadline_cuts_is_a_logged_usable_candidate(tracking_uri, tmp_path, dataset):
+    """A trial whose next epoch would not end before the deadline stops at that epoch boundary: it completes
+    with its best epoch's validation accuracy, says where it was cut, and logs a model that loads and predicts."""
+    preset = sweep.PRESETS["quick"]
+    base = {**config.TRAIN_DEFAULTS, **preset.fixed, "width": preset.widths[-1], "epochs": preset.epochs[1]}
+    cost = sweep_plan.Cost(epoch_s=1.0, evaluation_s=1.0)
+    plan = sweep_plan.Plan(width=base["width"], epochs=base["epochs"], n_trials=1, min_trials=1, cost=cost,
+                           warmup_epochs=sweep.PRUNER_WARMUP_EPOCHS, budget_s=1.0)
+    mlflow.set_experiment("e2e-cut")
+    study = optuna.create_study(direction="maximize")
+    with mlflow.start_run() as parent:
+        objective = sweep.make_objective(preset, dataset, parent.info.run_id, base, workers.SharedBudget(1),
+                                         sweep_plan.Deadline(time.time() + 1.0, plan))
+        study.optimize(objective, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE
+    assert trial.user_attrs["cut_by_deadline"] == f"after epoch 1 of {base['epochs']}"
+    run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["sweep.cut_by_deadline"] == trial.user_attrs["cut_by_deadline"]
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_accuracy")) == 1
+    assert trial.value == run.data.metrics[config.SELECTION_METRIC]
+    model = mlflow.pyfunc.load_model(run.data.tags[config.MODEL_URI_TAG])
+    frame = pd.DataFrame({"pixels": list(dataset.test_images[:200].astype(float))})
+    assert (model.predict(frame)["class_index"].to_numpy() == dataset.test_labels[:200]).mean() > 0.5
+
+
 def _sweep_command(storage: str, n_trials: int) -> list[str]:
     return [sys.executable, "-m", "entrypoints.sweep", "--preset", "quick", "--n-trials", str(n_trials),
-            "--storage", storage, "--study", "resume", "--experiment", "e2e-resume"]
+            "--budget-minutes", str(AMPLE_BUDGET_MINUTES), "--storage", storage, "--study", "resume",
+            "--experiment", "e2e-resume"]
 
 
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
@@ -103,7 +139,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tracking_uri, tmp_pat
     monkeypatch.setattr(tracking, "run_training", flaky)
     mlflow.set_experiment("e2e-flaky")
     with mlflow.start_run():
-        study, best_run_id, _ = sweep.run_sweep("quick", 2, 0, 1, 0, f"sqlite:///{tmp_path}/optuna.db", "flaky",
-                                                dataset)
+        study, best_run_id, _ = sweep.run_sweep("quick", 2, AMPLE_BUDGET_MINUTES, 1, 0,
+                                                f"sqlite:///{tmp_path}/optuna.db", "flaky", dataset)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL"] and best_run_id is not None

@@ -24,6 +24,7 @@ from fmnist_testkit.harness import child_env, free_port, wait_until_up
 pytestmark = pytest.mark.e2e
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 BUDGET = 4  # trials in the shared study
+AMPLE_BUDGET_MINUTES = 30  # the sweep's time budget, far above what BUDGET trials need: these tests are not about it
 N_CHECKED = 200           # test images the promoted model must classify
 BETTER_THAN_CHANCE = 0.5  # accuracy on them: chance is 0.1, a quick-preset model ~0.8
 
@@ -149,7 +150,8 @@ def test_the_login_cache_is_off_unless_the_team_asks_for_it(tmp_path, monkeypatc
 
 def _worker(postgres, tracking_url: str, cwd: Path, study: str) -> subprocess.Popen:
     command = [str(BIN / "mlflow"), "run", str(REPO), "-e", "sweep", "--env-manager", "local", "--experiment-name",
-               "team", "-P", "preset=quick", "-P", f"n_trials={BUDGET}", "-P", f"storage={postgres.url('optuna')}",
+               "team", "-P", "preset=quick", "-P", f"n_trials={BUDGET}", "-P", f"budget_minutes={AMPLE_BUDGET_MINUTES}",
+               "-P", f"storage={postgres.url('optuna')}",
                "-P", f"study={study}"]
     # Fewer HTTP retries than MLflow's default (7, exponential backoff): the outage test waits on them.
     env = dict(child_env(tracking_url), MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
