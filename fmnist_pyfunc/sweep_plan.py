@@ -6,7 +6,7 @@ the sweep times a few real training steps and an evaluation pass per candidate w
 the widest network whose trials still leave room for `min_trials` configurations:
 
     one trial at full length (the baseline the pruner compares with) + (min_trials - 1) trials that reach
-    the earliest epoch the pruner may act at, and are evaluated  <=  the budget
+    the earliest epoch the pruner may act at, and are evaluated  <=  90 % of the budget
 
 A trial's cost is its epochs (training plus the validation pass) and its evaluation: the calibration and
 out-of-distribution passes, the test set, the logged model. The deadline then holds whatever the estimate:
@@ -29,6 +29,9 @@ EVALUATION_FACTOR = 1.6  # a trial's evaluation also fits and scores the detecto
                          # timed passes (the default network's trial on the AVX2-only EPYC: 55 s against 31 s)
 LOGGING_S = 5.0        # a trial's model files and tracking calls: ~3-5 s on 2 cores, whatever the width
 TEST_IMAGES = 10_000   # the test set every trial is scored on
+PLAN_SHARE = 0.9       # of the budget the trials are sized to: a shared 2-core machine's speed drifts by ~10 % over
+                       # half an hour (the same epoch measured 50 and 56 s an hour apart), and the baseline trial
+                       # must end its schedule, not be cut before it; what is left goes to more trials
 
 
 class BudgetTooSmall(ValueError):
@@ -116,15 +119,15 @@ def measure(cfg: dict, dataset: data.FashionMNIST) -> Cost:
 def plan(budget_s: float, costs: dict[int, Cost], epochs: tuple[int, int], min_trials: int, max_trials: int,
          warmup_epochs: int) -> Plan:
     """The widest network of `costs` (one trial's cost per width, widest first) whose trials, of at least
-    epochs[0] and at most epochs[1] epochs, leave room for `min_trials` configurations within `budget_s`;
-    failing that, the narrowest with the epochs that fit."""
+    epochs[0] and at most epochs[1] epochs, leave room for `min_trials` configurations within PLAN_SHARE of
+    `budget_s`; failing that, the narrowest with the epochs that fit."""
     low, high = epochs
     for width, cost in costs.items():  # noqa: B007 (the loop stops at the width it picks)
-        fitting = _epochs_that_fit(budget_s, cost, high, min_trials, warmup_epochs)
+        fitting = _epochs_that_fit(budget_s * PLAN_SHARE, cost, high, min_trials, warmup_epochs)
         if fitting >= low:
             break
     if fitting < 1:
-        need = cost.trial_s(1) * min_trials
+        need = cost.trial_s(1) * min_trials / PLAN_SHARE
         raise BudgetTooSmall(f"{budget_s / 60:.1f} min do not fit {min_trials} one-epoch trials of the narrowest "
                              f"network (width {width}: {cost.epoch_s:.0f} s an epoch, {cost.evaluation_s:.0f} s to "
                              f"evaluate) on this machine: give the sweep a budget of at least "

@@ -52,7 +52,9 @@ def _default_plan(costs: dict, budget_minutes: float) -> sweep_plan.Plan:
 
 
 def _fits(plan: sweep_plan.Plan) -> bool:
-    return plan.cost.trial_s(plan.epochs) + (plan.min_trials - 1) * plan.shortest_trial_s() <= plan.budget_s
+    """One full trial and min_trials - 1 that reach the pruner and are evaluated fit the planned share."""
+    needed = plan.cost.trial_s(plan.epochs) + (plan.min_trials - 1) * plan.shortest_trial_s()
+    return needed <= plan.budget_s * sweep_plan.PLAN_SHARE
 
 
 @pytest.mark.parametrize("costs", [AVX2, FAST], ids=["avx2", "fast"])
