@@ -32,7 +32,6 @@ GRACE_SECONDS = 20         # ...so a trial silent for heartbeat + grace belongs 
 STORAGE_CREATE_ATTEMPTS = 3  # a fresh shared database: one worker creates the schema, the others retry
 MAX_FAILED_TRIALS = 3        # failed trials are replaced by new ones, this many per run: a systematic error stops
 PRUNER_STARTUP_TRIALS = 1  # trials that always run to the end: trial 0, the baseline later ones must keep up with
-PRUNER_WARMUP_EPOCHS = 3   # early epochs are noisy under a one-cycle schedule: never prune there
 PLAN_ATTR = "plan"         # the study's user attribute that keeps its trial shape
 
 
@@ -43,6 +42,7 @@ class Preset:
     epochs: tuple          # (fewest, most) epochs of a trial, as the budget allows on this machine
     min_trials: int        # configurations the budget leaves room for on any machine
     max_trials: int        # a fast machine searches more, up to this many trials
+    warmup_epochs: int     # epochs the pruner never acts in: a trial runs at least warmup_epochs + 1
     fixed: dict            # training parameters every trial shares (on top of TRAIN_DEFAULTS)
     defaults_first: bool   # trial 0 is TRAIN_DEFAULTS' searched values: the tuned baseline the pruner compares with
     description: str
@@ -53,12 +53,15 @@ PRESETS = {
     # nothing better); width bought more than epochs (docs/training.md, Sweep and promotion). Trial 0, the tuned
     # defaults in the planned shape, runs in full; later trials behind it are pruned after 4 epochs. 28 min of
     # trials and ~1 min of promotion keep `make sweep` within half an hour on the slowest 2-core CPU we know.
+    # A trial behind trial 0 after 2 epochs is pruned, so on the slowest machine each configuration tried costs
+    # 2 epochs and trial 0 keeps the rest of the budget (docs/training.md, Sweep and promotion).
     "default": Preset(budget_minutes=28, widths=(48, 40, 32), epochs=(14, 24), min_trials=3, max_trials=12,
-                      fixed={}, defaults_first=True,
+                      warmup_epochs=1, fixed={}, defaults_first=True,
                       description="batch size, lr, weight decay, label smoothing, dropout, augmentation at the "
                                   "widest network the budget allows"),
-    # Demos and CI: 3 epochs on a 10k-image slice, ~20 s a trial on 2 cores (the defaults are not tuned for it).
-    "quick": Preset(budget_minutes=2, widths=(16, 8), epochs=(3, 3), min_trials=3, max_trials=6,
+    # Demos and CI: 3 epochs on a 10k-image slice, ~15 s a trial on 2 cores (the defaults are not tuned for it);
+    # nothing is pruned (warmup_epochs = epochs): every trial is a logged model.
+    "quick": Preset(budget_minutes=2, widths=(16, 8), epochs=(3, 3), min_trials=3, max_trials=6, warmup_epochs=3,
                     fixed={"max_train_samples": 10000, "val_size": 1000}, defaults_first=False,
                     description="small CNNs on a 10k-image slice, 3 epochs"),
 }
@@ -91,7 +94,7 @@ def first_trial(preset: Preset) -> dict:
     return {name: config.TRAIN_DEFAULTS[name] for name in search_space(preset)}
 
 
-def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
+def open_study(name: str, storage_url: str, seed: int, warmup_epochs: int) -> optuna.Study:
     # Heartbeats are marked experimental, but they are Optuna's documented way to fail a dead worker's trials.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning, message=".*heartbeat.*")
     for attempt in range(STORAGE_CREATE_ATTEMPTS):
@@ -110,7 +113,7 @@ def open_study(name: str, storage_url: str, seed: int) -> optuna.Study:
         study_name=name, storage=storage, direction="maximize", load_if_exists=True,
         # constant_liar: parallel workers see each other's running trials, so they do not sample the same point.
         sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=PRUNER_WARMUP_EPOCHS),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=warmup_epochs),
     )
 
 
@@ -188,12 +191,12 @@ def plan_for(study: optuna.Study, preset: Preset, base: dict, dataset: data.Fash
     if shape is None:
         costs = {width: cost_of(width) for width in preset.widths}
         plan = sweep_plan.plan(deadline_at - time.time(), costs, preset.epochs, min_trials, preset.max_trials,
-                               PRUNER_WARMUP_EPOCHS)
+                               preset.warmup_epochs)
         plan = dataclasses.replace(plan, n_trials=min(preset.max_trials, plan.n_trials * n_jobs))
         study.set_user_attr(PLAN_ATTR, {"width": plan.width, "epochs": plan.epochs, "n_trials": plan.n_trials})
     else:
         cost = cost_of(shape["width"])
-        plan = sweep_plan.Plan(**shape, min_trials=min_trials, cost=cost, warmup_epochs=PRUNER_WARMUP_EPOCHS,
+        plan = sweep_plan.Plan(**shape, min_trials=min_trials, cost=cost, warmup_epochs=preset.warmup_epochs,
                                budget_s=deadline_at - time.time())
     return dataclasses.replace(plan, n_trials=n_trials or plan.n_trials)
 
@@ -232,7 +235,7 @@ def run_sweep(preset_name: str, n_trials: int, budget_minutes: float, n_jobs: in
     base = {**config.TRAIN_DEFAULTS, **preset.fixed, "seed": seed}  # one seed: all trials share the val split
     # In-process workers share this process's threads (torch honours OMP_NUM_THREADS for several processes).
     torch.set_num_threads(max(1, torch.get_num_threads() // n_jobs))
-    study = open_study(study_name, storage, seed)
+    study = open_study(study_name, storage, seed, preset.warmup_epochs)
     plan = plan_for(study, preset, base, dataset, started + budget_s, n_trials, n_jobs)
     print(plan.describe(), flush=True)
     deadline = sweep_plan.Deadline(started + budget_s, plan)

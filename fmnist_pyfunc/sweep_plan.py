@@ -22,8 +22,7 @@ from dataclasses import dataclass
 
 from fmnist_pyfunc import data, ood, training
 
-TIMED_STEPS = 8        # training steps timed per width: ~4 s at width 48 on the slowest CPU we know, within 10 %
-                       # of the epochs the sweep then runs there
+TIMED_STEPS = 10       # training steps timed per width (their median): ~6 s at width 48 on the slowest CPU we know
 TIMED_IMAGES = 1000    # images of the evaluation pass timed per width
 EVALUATION_FACTOR = 1.6  # a trial's evaluation also fits and scores the detector and draws its reports: 1.6x its
                          # timed passes (the default network's trial on the AVX2-only EPYC: 55 s against 31 s)

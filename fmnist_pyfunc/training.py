@@ -113,8 +113,9 @@ def train_step(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 def measure(cfg: dict, dataset: data.FashionMNIST, steps: int, images: int) -> tuple[float, float]:
     """Seconds per training step and per evaluated image for `cfg`'s network, batch size, augmentation and
-    precision on this machine: `steps` real steps on training images, then one evaluation pass over `images`
-    images, each after an untimed warm-up (the first call allocates and picks kernels)."""
+    precision on this machine: the median of `steps` real steps on training images (a shared machine's odd
+    slow step does not count), then one evaluation pass over `images` images, each after an untimed warm-up
+    (the first call allocates and picks kernels)."""
     device = resolve_device(cfg["device"])
     bf16 = inference.use_bf16(cfg["precision"], device)
     model = models.build(cfg["arch"], cfg["width"], cfg["depth"], cfg["dropout"])
@@ -123,19 +124,18 @@ def measure(cfg: dict, dataset: data.FashionMNIST, steps: int, images: int) -> t
     x = models.normalize(dataset.train_images[:cfg["batch_size"]]).to(device)
     y = torch.from_numpy(dataset.train_labels[:cfg["batch_size"]]).to(device)
     generator = torch.Generator(device=device).manual_seed(cfg["seed"])
-    for i in range(steps + 1):
-        if i == 1:
-            _synchronize(device)
-            start = time.perf_counter()
+    step_seconds = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
         train_step(model, augment.augment(x, cfg["augment"], generator), y, optimizer, schedule, cfg["label_smoothing"],
-             bf16)
-    _synchronize(device)
-    step_s = (time.perf_counter() - start) / steps
+                   bf16)
+        _synchronize(device)
+        step_seconds.append(time.perf_counter() - start)
     model.eval()
     inference.forward(model, dataset.train_images[:cfg["batch_size"]], tta=False, bf16=bf16)  # warm-up, untimed
     start = time.perf_counter()
     inference.forward(model, dataset.train_images[:images], tta=False, bf16=bf16)
-    return step_s, (time.perf_counter() - start) / images
+    return float(np.median(step_seconds[1:])), (time.perf_counter() - start) / images
 
 
 def _synchronize(device: torch.device) -> None:

@@ -176,5 +176,5 @@ def test_a_worker_that_loses_the_schema_creation_race_retries(tmp_path, monkeypa
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(optuna.storages, "RDBStorage", LosesOnce)
-    study = sweep.open_study("race", f"sqlite:///{tmp_path}/optuna.db", seed=0)
+    study = sweep.open_study("race", f"sqlite:///{tmp_path}/optuna.db", seed=0, warmup_epochs=1)
     assert study.study_name == "race" and len(calls) == 2

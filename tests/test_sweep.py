@@ -60,7 +60,7 @@ def test_a_trial_the_deadline_cuts_is_a_logged_usable_candidate(tracking_uri, tm
     base = {**config.TRAIN_DEFAULTS, **preset.fixed, "width": preset.widths[-1], "epochs": preset.epochs[1]}
     cost = sweep_plan.Cost(epoch_s=1.0, evaluation_s=1.0)
     plan = sweep_plan.Plan(width=base["width"], epochs=base["epochs"], n_trials=1, min_trials=1, cost=cost,
-                           warmup_epochs=sweep.PRUNER_WARMUP_EPOCHS, budget_s=1.0)
+                           warmup_epochs=preset.warmup_epochs, budget_s=1.0)
     mlflow.set_experiment("e2e-cut")
     study = optuna.create_study(direction="maximize")
     with mlflow.start_run() as parent:

@@ -48,7 +48,7 @@ FAST = {width: sweep_plan.Cost(c.epoch_s / 3.5, c.evaluation_s / 3.5) for width,
 def _default_plan(costs: dict, budget_minutes: float) -> sweep_plan.Plan:
     preset = sweep.PRESETS["default"]
     return sweep_plan.plan(budget_minutes * 60, costs, preset.epochs, preset.min_trials, preset.max_trials,
-                           sweep.PRUNER_WARMUP_EPOCHS)
+                           preset.warmup_epochs)
 
 
 def _fits(plan: sweep_plan.Plan) -> bool:
