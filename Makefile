@@ -17,6 +17,7 @@ MLFLOW_UI_PORT ?= 5000
 SCORING_PORT ?= 5001
 UI_PORT      ?= 8000
 SWEEP_PRESET ?= default
+SWEEP_BUDGET ?= 0# minutes of trials on any machine; 0: the preset's (default 28)
 EXPORT_DIR   ?= export
 HOST         ?= 127.0.0.1
 MODEL_URI    ?=# empty: entrypoints/serve.py's default, the Production model
@@ -65,7 +66,7 @@ train: install
 	$(PROJECT) -e train
 
 sweep: install
-	$(PROJECT) -e sweep -P preset=$(SWEEP_PRESET)
+	$(PROJECT) -e sweep -P preset=$(SWEEP_PRESET) -P budget_minutes=$(SWEEP_BUDGET)
 
 promote: install
 	$(PROJECT) -e promote -P experiment=$(MLFLOW_EXPERIMENT_NAME)

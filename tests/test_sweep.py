@@ -16,13 +16,13 @@ from fmnist_testkit.harness import child_env
 
 pytestmark = pytest.mark.e2e
 
-SMALL_BUDGET_MINUTES = 1.5  # a quick sweep's budget: 3-6 trials of width 8-16 on 2 busy cores
+SMALL_BUDGET_MINUTES = sweep.PRESETS["quick"].budget_minutes  # 2-6 trials of width 8-16 on 2 busy cores
 BUDGET_SLACK_S = 10         # the trials may end this late: an estimate's error within one short trial
 AMPLE_BUDGET_MINUTES = 30   # far above what the other tests' trials need: they are not about the budget
 
 
 def test_sweep_keeps_its_budget_links_children_and_promotes_the_best(private_store, tmp_path, dataset):
-    """A quick sweep under `mlflow run`, given 1.5 minutes and room for 20 trials, ends its trials within the budget
+    """A quick sweep under `mlflow run`, given 2 minutes and room for 20 trials, ends its trials within the budget
     (plus an epoch's slack); it tried more than one configuration, each a finished child run with every training
     parameter and a model; the parent names the best child, its plots and its plan; Production then loads it."""
     storage = f"sqlite:///{tmp_path}/optuna.db"
