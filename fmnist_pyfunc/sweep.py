@@ -213,7 +213,8 @@ def log_summary(study: optuna.Study, preset: Preset) -> str | None:
                                    for t in trials])
     mlflow.log_figure(figure, "sweep/search.png")
     reporting.plt.close(figure)
-    completed = [t for t in trials if t.value is not None]
+    # A pruned trial has a value too (its last epoch's): only complete ones are candidates.
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not completed:
         return None
     best = study.best_trial
