@@ -22,6 +22,7 @@ import sqlalchemy.exc
 import torch
 from mlflow.tracking import MlflowClient
 from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState
 
 from fmnist_pyfunc import config, data, reporting, sweep_plan, tracking, workers
 
@@ -162,7 +163,7 @@ def progress_printer(n_trials: int, deadline: sweep_plan.Deadline):
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         done = [t for t in study.trials if t.state.is_finished()]
         value = f"{trial.value:.4f}" if trial.value is not None else "-"
-        best = f"{study.best_value:.4f}" if any(t.value is not None for t in done) else "-"
+        best = f"{study.best_value:.4f}" if any(t.state == TrialState.COMPLETE for t in done) else "-"
         left = max(0.0, deadline.left_s()) / 60
         outlook = (f"{left:.1f} min of the budget left" if deadline.may_start() else
                    f"no new trial: {left:.1f} min left, and a trial needs "
@@ -214,7 +215,7 @@ def log_summary(study: optuna.Study, preset: Preset) -> str | None:
     mlflow.log_figure(figure, "sweep/search.png")
     reporting.plt.close(figure)
     # A pruned trial has a value too (its last epoch's): only complete ones are candidates.
-    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
     if not completed:
         return None
     best = study.best_trial
