@@ -53,6 +53,14 @@ def shortest_trial_s(cost: Cost, epochs: int, warmup_epochs: int) -> float:
     return cost.trial_s(min(epochs, warmup_epochs + 1))
 
 
+def pruned_trial_s(cost: Cost, epochs: int, warmup_epochs: int) -> float:
+    """The least a trial costs: its epochs up to the pruner's first chance, unevaluated; or all of it when the
+    pruner never has a chance. How many trials a budget may hold counts these: the deadline ends it sooner when
+    later trials are not pruned."""
+    first_chance = warmup_epochs + 1
+    return first_chance * cost.epoch_s if first_chance < epochs else cost.trial_s(epochs)
+
+
 @dataclass(frozen=True)
 class Plan:
     width: int
@@ -72,7 +80,7 @@ class Plan:
 
     def describe(self) -> str:
         trial = self.cost.trial_s(self.epochs) / 60
-        pruned = min(self.epochs, self.warmup_epochs + 1) * self.cost.epoch_s / 60
+        pruned = pruned_trial_s(self.cost, self.epochs, self.warmup_epochs) / 60
         return (f"[sweep] {self.budget_s / 60:.1f} min of the budget left after measuring this machine "
                 f"(width {self.width}: "
                 f"{self.cost.epoch_s:.0f} s an epoch, {self.cost.evaluation_s:.0f} s to evaluate): "
@@ -131,7 +139,7 @@ def plan(budget_s: float, costs: dict[int, Cost], epochs: tuple[int, int], min_t
                              f"network (width {width}: {cost.epoch_s:.0f} s an epoch, {cost.evaluation_s:.0f} s to "
                              f"evaluate) on this machine: give the sweep a budget of at least "
                              f"{math.ceil(need / 60)} min")
-    n_trials = 1 + int((budget_s - cost.trial_s(fitting)) // shortest_trial_s(cost, fitting, warmup_epochs))
+    n_trials = 1 + int((budget_s - cost.trial_s(fitting)) // pruned_trial_s(cost, fitting, warmup_epochs))
     return Plan(width=width, epochs=fitting, n_trials=max(min_trials, min(max_trials, n_trials)),
                 min_trials=min_trials, cost=cost, warmup_epochs=warmup_epochs, budget_s=budget_s)
 
