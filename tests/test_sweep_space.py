@@ -76,6 +76,18 @@ def test_a_faster_machine_searches_more_with_a_wider_network_not_sooner():
     assert not _fits(dataclasses.replace(slow, epochs=slow.epochs + 1))  # the most epochs that fit, not fewer
 
 
+def test_the_trials_planned_fill_the_budget_when_later_ones_are_pruned_at_their_first_chance():
+    """The plan holds as many trials as fit when every one after the first is pruned as soon as the pruner may
+    act (unevaluated): counting them as evaluated would end the study with the budget left idle on a fast CPU.
+    A preset whose trials are never pruned counts them in full."""
+    plan = _default_plan(FAST, 28)
+    full, pruned = plan.cost.trial_s(plan.epochs), (plan.warmup_epochs + 1) * plan.cost.epoch_s
+    assert full + (plan.n_trials - 1) * pruned <= plan.budget_s < full + plan.n_trials * pruned
+    quick = sweep.PRESETS["quick"]
+    cost = sweep_plan.Cost(epoch_s=5, evaluation_s=10)
+    assert sweep_plan.pruned_trial_s(cost, quick.epochs[1], quick.warmup_epochs) == cost.trial_s(quick.epochs[1])
+
+
 def test_a_budget_too_small_for_any_trial_says_what_it_needs():
     """When not even one-epoch trials of the narrowest network fit, the plan refuses, naming the minutes needed;
     a budget between that and the preset's smallest shape trains fewer epochs at the narrowest width."""
