@@ -86,6 +86,12 @@ def _sweep_command(storage: str, n_trials: int) -> list[str]:
             "--experiment", "e2e-resume"]
 
 
+def _as_from_a_terminal() -> None:
+    """A user's Ctrl-C reaches the sweep; a test run started in the background of a script (`.ci/run &`) would
+    hand it SIGINT ignored, which Python keeps, and the Ctrl-C would never arrive."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "kill-9"])
 def test_interrupted_sweep_resumes_without_losing_trials(private_store, tmp_path, stop):
     """Stopped during trial 1 (Ctrl-C or kill -9): trial 0's run is kept, trial 1 ends failed and its run is not
@@ -93,7 +99,8 @@ def test_interrupted_sweep_resumes_without_losing_trials(private_store, tmp_path
     store = private_store
     storage = f"sqlite:///{tmp_path}/optuna.db"
     process = subprocess.Popen(_sweep_command(storage, 3), cwd=tmp_path, env=child_env(store),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_as_from_a_terminal)
     deadline = time.time() + 300
     for line in process.stdout:
         if "trial 0 COMPLETE" in line:
