@@ -52,11 +52,11 @@ class Preset:
 PRESETS = {
     # Longer and wider than `train`, which is already tuned for 14 epochs at width 32 (sweeping around it found
     # nothing better); width bought more than epochs (docs/training.md, Sweep and promotion). Trial 0, the tuned
-    # defaults in the planned shape, runs in full; later trials behind it are pruned after 4 epochs. 28 min of
-    # trials and ~1 min of promotion keep `make sweep` within half an hour on the slowest 2-core CPU we know.
-    # A trial behind trial 0 after 2 epochs is pruned, so on the slowest machine each configuration tried costs
-    # 2 epochs and trial 0 keeps the rest of the budget (docs/training.md, Sweep and promotion). A faster machine
-    # spends the rest on more of them: ~23 fit on the bf16 EPYC (a cap of 12 left it 9 minutes idle).
+    # defaults in the planned shape, runs in full. 28 min of trials and ~1 min of promotion keep `make sweep`
+    # within half an hour on the slowest 2-core CPU we know. A trial behind trial 0 after 2 epochs is pruned, so
+    # on the slowest machine each configuration tried costs 2 epochs and trial 0 keeps the rest of the budget
+    # (docs/training.md, Sweep and promotion). A faster machine spends the rest on more of them: 21 were planned
+    # on the bf16 EPYC (a cap of 12 left it 9 minutes idle).
     "default": Preset(budget_minutes=28, widths=(48, 40, 32), epochs=(14, 24), min_trials=3, max_trials=40,
                       warmup_epochs=1, fixed={}, defaults_first=True,
                       description="batch size, lr, weight decay, label smoothing, dropout, augmentation at the "
