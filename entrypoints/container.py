@@ -20,6 +20,7 @@ from fmnist_pyfunc import config
 from fmnist_pyfunc.export import EXPORT_MODEL_DIR
 
 POLL_S = 0.5
+CONTAINER_PREDICTION_LOG = "sqlite:////tmp/predictions.db"
 STOP_TIMEOUT_S = 20   # SIGTERM grace per child before SIGKILL (docker stop waits 10 s, then kills us anyway)
 
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         cli.error(f"{args.export / EXPORT_MODEL_DIR} holds no MLflow model: run `make export` first")
     env = dict(os.environ, MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false",
                FMNIST_SCORING_URL=f"http://{config.LOOPBACK}:{args.scoring_port}")
+    # The root is read-only: the prediction log goes to /tmp unless the user points it at a volume or a database.
+    env.setdefault(config.PREDICTION_LOG_ENV, CONTAINER_PREDICTION_LOG)
     python = [sys.executable, "-m"]
     commands = [python + ["entrypoints.serve", "--model-uri", str(args.export / EXPORT_MODEL_DIR),
                           "--host", args.host, "--port", str(args.scoring_port)],

@@ -42,7 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--follow-interval-s", type=float, default=config.FOLLOW_INTERVAL_S,
                         help="re-resolve a models:/NAME/STAGE or @ALIAS URI this often; 0: never, only on "
                              "POST /reload (default: %(default)s)")
+    parser.add_argument("--prediction-log", default=None,
+                        help="where to log what is served: a SQLAlchemy URL, or 'off' (default: "
+                             f"${config.PREDICTION_LOG_ENV}, else {config.PREDICTION_LOG_FILE} beside a SQLite "
+                             "tracking store, or a PostgreSQL tracking store's database)")
+    parser.add_argument("--log-sample-rate", type=float, default=config.LOG_SAMPLE_RATE,
+                        help="share of requests logged, 0-1 (default: %(default)s)")
+    parser.add_argument("--log-max-rows", type=int, default=config.LOG_MAX_ROWS,
+                        help="keep at most this many predictions (default: %(default)s)")
+    parser.add_argument("--log-max-days", type=float, default=config.LOG_MAX_DAYS,
+                        help="and none older than this (default: %(default)s); those with feedback are kept")
     args = parser.parse_args(argv)
+    if not 0 <= args.log_sample_rate <= 1 or args.log_max_rows < 1 or args.log_max_days <= 0:
+        parser.error("--log-sample-rate must be in 0..1, --log-max-rows and --log-max-days positive")
     if args.workers < 1 or args.max_body_bytes < 1 or not 0 < args.port < 65536 or args.follow_interval_s < 0:
         parser.error("--workers and --max-body-bytes must be positive, --port in 1..65535, "
                      "--follow-interval-s >= 0")
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(tempfile.mkdtemp(prefix="fmnist-serve-"))
     (state / "metrics").mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(state / "metrics")
-    from fmnist_pyfunc import live_model, scoring
+    from fmnist_pyfunc import live_model, prediction_log, scoring
 
     cli.use_tracking_store()
     try:
@@ -60,8 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     except (MlflowException, OSError, LookupError) as exc:
         parser.error(f"cannot load {args.model_uri} ({str(exc).splitlines()[0]}); "
                      "train and promote a model first: make train promote")
+    log_url = args.prediction_log or prediction_log.default_url()
     os.environ.update(scoring.Settings(args.model_uri, model_path, version, args.follow_interval_s,
-                                       str(state / "reload"), args.max_body_bytes).to_env())
+                                       str(state / "reload"), args.max_body_bytes, log_url, args.log_sample_rate,
+                                       args.log_max_rows, args.log_max_days).to_env())
+    if log_url != config.PREDICTION_LOG_OFF:
+        print(f"prediction log: {prediction_log.redacted(log_url)} (sample rate {args.log_sample_rate:g})", flush=True)
     try:
         uvicorn.run("fmnist_pyfunc.scoring:app_from_env", factory=True, host=args.host, port=args.port,
                     workers=args.workers)

@@ -31,6 +31,8 @@ TRAIN_DEFAULTS = {
     "val_size": 5000,         # stratified hold-out from the 60k training images, for selection only
     "max_train_samples": 0,   # cap on the training split for smoke tests (0 = all 55k)
     "seed": 0,                # seeds the split, initialisation, shuffling and augmentation
+    "feedback": False,        # also train on users' corrections from the prediction log (feedback.py): the
+                              # training split only; a share is held out to evaluate on
     "device": "auto",         # "auto" (CUDA when available), "cpu" or "cuda"
     "precision": "auto",      # "auto": bf16 autocast where the device computes bf16 natively (CUDA, CPUs with
                               # AVX512-BF16/AMX: faster at the same accuracy), fp32 elsewhere (emulated bf16 is
@@ -63,6 +65,14 @@ SCORING_PORT = 5001      # the scoring server (/invocations), beside MLflow's UI
 UI_PORT = 8000           # the upload UI
 FOLLOW_INTERVAL_S = 10.0  # the scoring server re-resolves models:/NAME/Production this often: a promotion
                           # reaches users within this, for one registry call per interval per worker
+# The prediction log (prediction_log.py): its defaults, here because the scoring server's argparse names them
+# before any module that loads prometheus_client may be imported.
+PREDICTION_LOG_ENV = "FMNIST_PREDICTION_LOG"  # a SQLAlchemy URL, or "off"
+PREDICTION_LOG_OFF = "off"
+PREDICTION_LOG_FILE = "predictions.db"  # beside mlflow.db: its own file, so its writes never lock the tracking store
+LOG_SAMPLE_RATE = 1.0                   # every request; a busy service logs a share of them
+LOG_MAX_ROWS = 1_000_000                # ~1 GB of images and answers: months of a small shop's traffic
+LOG_MAX_DAYS = 90.0
 SELECTION_METRIC = "best_val_accuracy"  # what the sweep optimises and promote ranks by; never test data
 MODEL_URI_TAG = "model_uri"  # run tag: MLflow 3 keeps logged models outside the run's artifacts
 

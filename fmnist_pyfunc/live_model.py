@@ -41,6 +41,7 @@ class Served:
     app: object
     info: dict
     headers: list = field(default_factory=list)
+    reference: dict | None = None  # the validation profile drift is measured against (monitor.py); None: none logged
 
 
 def moving_reference(uri: str) -> tuple[str, str] | None:
@@ -105,7 +106,8 @@ def load_checked(path: str, info: dict) -> Served:
     headers = [(b"x-model-name", str(info["name"]).encode()), (b"x-model-run-id", str(info.get("run_id")).encode())]
     if info.get("version"):
         headers.append((b"x-model-version", str(info["version"]).encode()))
-    return Served(scoring_server.init(model), info, headers)
+    reference = getattr(model.unwrap_python_model(), "reference", None)
+    return Served(scoring_server.init(model), info, headers, reference)
 
 
 class LiveModel:
@@ -143,7 +145,7 @@ class LiveModel:
             try:
                 target = str(resolve(*self.reference).version)
             except Exception as exc:  # registry unreachable: keep serving what we have, and say so
-                self.health = {"status": "degraded", "reason": f"cannot resolve {self.uri}: {_first_line(exc)}"}
+                self.health = {"status": "degraded", "reason": f"cannot resolve {self.uri}: {first_line(exc)}"}
                 return
             if target == self.current.info.get("version"):
                 self.health, self._refused = {"status": "ok", "reason": None}, None
@@ -155,7 +157,7 @@ class LiveModel:
             except Exception as exc:
                 self._refused = target
                 self.health = {"status": "degraded", "reason": f"{self.reference[0]} v{target} is not "
-                               f"served ({_first_line(exc)}); still serving v{self.current.info.get('version')}"}
+                               f"served ({first_line(exc)}); still serving v{self.current.info.get('version')}"}
                 metrics.RELOAD_FAILURES.inc()
                 return
             previous, self.current = self.current, served
@@ -205,6 +207,6 @@ def _mtime(path: Path | None) -> float | None:
         return None
 
 
-def _first_line(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]

@@ -38,6 +38,9 @@ OUT_OF_DISTRIBUTION = Counter("fmnist_out_of_distribution", "Predictions flagged
 # 1 for the version a worker serves now, 0 for those it served before; "liveall": one series per live worker.
 MODEL = Gauge("fmnist_model_info", "The model version a scoring worker serves", ["name", "version", "run_id"],
               multiprocess_mode="liveall")
+LOG_WRITTEN = Counter("fmnist_prediction_log_written", "Predictions written to the prediction log")
+# Rows the log could not take (queue full: the store is slow or down) or could not write: requests never fail for it.
+LOG_DROPPED = Counter("fmnist_prediction_log_dropped", "Predictions not logged: queue full or store unavailable")
 RELOADS = Counter("fmnist_model_reloads", "New model versions loaded and swapped in")
 RELOAD_FAILURES = Counter("fmnist_model_reload_failures", "New versions refused (download, load or self-check failed)")
 

@@ -27,12 +27,13 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED
 from mlflow.types.schema import AnyType, Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-from fmnist_pyfunc import admission, contract, inference, models, ood
+from fmnist_pyfunc import admission, contract, inference, models, ood, seen
 from fmnist_pyfunc.config import CLASS_NAMES
 
 WEIGHTS_ARTIFACT = "weights"        # state dict, torch.save format
 CONFIG_ARTIFACT = "model_config"    # JSON: arch, width, depth, dropout, tta, temperature
 OOD_ARTIFACT = "ood"                # npz of plain arrays: the out-of-distribution detector (ood.py)
+REFERENCE_ARTIFACT = "reference"    # JSON: the validation split's profile that drift is measured against (monitor.py)
 # `pixels` is AnyType: MLflow's Array(Array(double)) rejects integer pixels and checks every value in
 # Python (~250 ms for 256 images); our own checks in `contract` are vectorised and say more.
 RETURN_SEEN_PARAM = "return_seen"  # off by default: 784 numbers more per row in every answer
@@ -59,6 +60,10 @@ class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
         self.temperature = self.config.get("temperature", 1.0)  # models logged before calibration have none
         # Models logged before the detector have none: they answer without its two fields.
         self.detector = ood.load(context.artifacts[OOD_ARTIFACT]) if OOD_ARTIFACT in context.artifacts else None
+        self.reference = None  # models logged before drift monitoring have none
+        if REFERENCE_ARTIFACT in context.artifacts:
+            with open(context.artifacts[REFERENCE_ARTIFACT]) as f:
+                self.reference = json.load(f)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         """Classify each row; with params {"return_seen": true} also return `seen`, the 28x28 image (0-255)
@@ -82,9 +87,12 @@ class FashionMNISTClassifier(mlflow.pyfunc.PythonModel):
             "class_name": [CLASS_NAMES[i] for i in indices],
             "probabilities": [row.astype(np.float64).tolist() for row in probabilities],
         }
-        if self.detector is not None:
-            scores = self.detector.score(outputs)
+        scores = self.detector.score(outputs) if self.detector is not None else None
+        if scores is not None:
             answer.update(in_distribution=ood.in_distribution(scores), ood_score=scores)
+        images = np.rint(batch).astype(np.uint8)
         if (params or {}).get(RETURN_SEEN_PARAM):
-            answer["seen"] = [np.rint(image).astype(np.uint8).tolist() for image in batch]
+            answer["seen"] = [image.tolist() for image in images]
+        seen.record(seen.Seen(images, ["pixels" if isinstance(row, np.ndarray) else "image" for row in rows],
+                              indices, probabilities, scores))
         return pd.DataFrame(answer)  # built once: each added column costs as much as the detector

@@ -15,10 +15,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
+from mlflow.data.code_dataset_source import CodeDatasetSource
 
-from fmnist_pyfunc import calibration, contract, data, models, ood, reporting, training
+from fmnist_pyfunc import calibration, contract, data, feedback, models, ood, prediction_log, reporting, training
 from fmnist_pyfunc.config import MODEL_URI_TAG, SELECTION_METRIC
-from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, OOD_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
+from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, OOD_ARTIFACT, REFERENCE_ARTIFACT, SIGNATURE, WEIGHTS_ARTIFACT
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
@@ -49,7 +50,9 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.Fash
                      detector: ood.Detector) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights, config, outliers = Path(tmp, "weights.pt"), Path(tmp, "model_config.json"), Path(tmp, "ood.npz")
+        reference = Path(tmp, "reference.json")
         detector.save(outliers)
+        reference.write_text(json.dumps(training.reference_profile(result, dataset, cfg["tta"], detector)))
         state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
         torch.save(state, weights)
         config.write_text(json.dumps({**{k: cfg[k] for k in ("arch", "width", "depth", "dropout", "tta")},
@@ -57,7 +60,8 @@ def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.Fash
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PACKAGE_DIR / "model_code.py"),
-            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config), OOD_ARTIFACT: str(outliers)},
+            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(config), OOD_ARTIFACT: str(outliers),
+                       REFERENCE_ARTIFACT: str(reference)},
             code_paths=[str(PACKAGE_DIR)],
             signature=SIGNATURE,
             input_example=input_example(dataset),
@@ -94,10 +98,24 @@ def log_evaluation(result: training.TrainResult, cfg: dict, dataset: data.Fashio
     return test["accuracy"]
 
 
+def log_feedback(snapshot: feedback.Snapshot) -> None:
+    """The corrections a run learns from and is evaluated on, as MLflow dataset inputs (digest, row count)."""
+    source = CodeDatasetSource({"prediction_log": prediction_log.redacted(snapshot.url)})
+    for part, context in ((snapshot.train, "training"), (snapshot.holdout, "evaluation")):
+        name = "feedback" if context == "training" else "feedback-holdout"
+        mlflow.log_input(mlflow.data.from_numpy(part.images, source=source, targets=part.labels, name=name),
+                         context=context)
+    mlflow.log_params({"feedback_train_rows": len(snapshot.train.ids),
+                       "feedback_holdout_rows": len(snapshot.holdout.ids), "feedback_copies": feedback.FEEDBACK_COPIES})
+
+
 def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | None = None,
                  on_epoch: Callable[[int, dict], bool | None] | None = None, progress: bool = True,
-                 run_name: str | None = None, on_start: Callable[[str], None] | None = None) -> str:
+                 run_name: str | None = None, on_start: Callable[[str], None] | None = None,
+                 corrections: feedback.Snapshot | None = None) -> str:
     """Train with `cfg` inside an MLflow run (a child of `parent_run_id` if given); return the run id.
+    With `corrections` (cfg["feedback"]), their training part joins the training split and their held-out
+    part is scored (`feedback_holdout_accuracy`).
 
     An exception (a pruned or failed trial, Ctrl-C) leaves the run marked FAILED/KILLED, never FINISHED.
     """
@@ -116,13 +134,21 @@ def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | Non
             mlflow.log_metrics(metrics, step=epoch)
             return on_epoch(epoch, metrics) if on_epoch is not None else None
 
-        result = training.train(cfg, dataset, on_epoch=log_epoch, progress=progress)
+        extra = None
+        if corrections is not None:
+            log_feedback(corrections)
+            extra = feedback.training_extra(corrections)
+        result = training.train(cfg, dataset, on_epoch=log_epoch, progress=progress, extra=extra)
         mlflow.log_metrics({
             SELECTION_METRIC: result.best_val_accuracy,
             "best_epoch": result.best_epoch,
             "train_seconds": result.train_seconds,
             "num_parameters": models.count_parameters(result.model),
         })
+        if corrections is not None and corrections.holdout.ids:
+            holdout = corrections.holdout
+            mlflow.log_metric("feedback_holdout_accuracy",
+                              training.accuracy(result, holdout.images, holdout.labels, cfg["tta"]))
         detector = training.fit_ood(result, dataset, cfg["tta"], cfg["seed"])
         log_evaluation(result, cfg, dataset, detector)
         log_pyfunc_model(result, cfg, dataset, detector)

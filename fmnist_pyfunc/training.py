@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from fmnist_pyfunc import augment, calibration, data, inference, models, ood
+from fmnist_pyfunc import augment, calibration, data, inference, models, monitor, ood
 
 MOMENTUM = 0.9           # SGD Nesterov momentum; the usual value, not worth searching
 WARMUP_FRACTION = 0.25   # share of steps spent raising the LR in the one-cycle schedule
@@ -89,6 +89,19 @@ def fit_ood(result: TrainResult, dataset: data.FashionMNIST, tta: bool, seed: in
     return ood.fit(train, dataset.train_labels[fit_indices], val, result.temperature)
 
 
+def accuracy(result: TrainResult, images: np.ndarray, labels: np.ndarray, tta: bool) -> float:
+    """Accuracy on `images` as the served model scores them (on the CPU, in serving's precision)."""
+    logits = inference.logits(result.model.to("cpu"), images, tta, inference.serving_bf16())
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+def reference_profile(result: TrainResult, dataset: data.FashionMNIST, tta: bool, detector: ood.Detector) -> dict:
+    """The validation split as the served model sees and answers it: what drift is measured against (monitor.py)."""
+    images = dataset.train_images[result.val_indices]
+    outputs = inference.forward(result.model.to("cpu"), images, tta, inference.serving_bf16())
+    return monitor.profile(images, inference.calibrated(outputs.logits, result.temperature), detector.score(outputs))
+
+
 def optimiser(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):
     """SGD with Nesterov momentum and the one-cycle schedule over the whole run (stepped once per batch)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=MOMENTUM, nesterov=True,
@@ -144,16 +157,21 @@ def _synchronize(device: torch.device) -> None:
 
 
 def train(cfg: dict, dataset: data.FashionMNIST,
-          on_epoch: Callable[[int, dict], bool | None] | None = None, progress: bool = True) -> TrainResult:
-    """Train on the stratified training split; select the epoch with the best validation accuracy."""
+          on_epoch: Callable[[int, dict], bool | None] | None = None, progress: bool = True,
+          extra: tuple[np.ndarray, np.ndarray] | None = None) -> TrainResult:
+    """Train on the stratified training split (plus `extra` images and labels, users' corrections: training
+    only); select the epoch with the best validation accuracy."""
     generator = seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed shapes: let cuDNN pick the fastest kernels
     train_idx, val_idx = data.stratified_split(dataset.train_labels, cfg["val_size"], cfg["seed"])
     if cfg["max_train_samples"]:
         train_idx = train_idx[: cfg["max_train_samples"]]
-    x_train = models.normalize(dataset.train_images[train_idx]).to(device)
-    y_train = torch.from_numpy(dataset.train_labels[train_idx]).to(device)
+    train_images, train_labels = dataset.train_images[train_idx], dataset.train_labels[train_idx]
+    if extra is not None:
+        train_images, train_labels = np.concatenate([train_images, extra[0]]), np.concatenate([train_labels, extra[1]])
+    x_train = models.normalize(train_images).to(device)
+    y_train = torch.from_numpy(train_labels).to(device)
     x_val, y_val = dataset.train_images[val_idx], dataset.train_labels[val_idx]
     bf16 = inference.use_bf16(cfg["precision"], device)
 

@@ -35,13 +35,14 @@ def pytest_configure(config):
 # The longest test files, longest first (docs/reliability.md gives their costs): started first, so that no
 # worker picks one up when the others are nearly done. Everything else follows in file order.
 LONGEST_FIRST = ("test_container_image.py", "test_team.py", "test_sweep.py", "test_faults.py", "test_live_serving.py",
-                 "test_browser.py", "test_train_e2e.py", "test_registry.py", "test_ood.py")
+                 "test_browser.py", "test_prediction_loop.py", "test_train_e2e.py", "test_registry.py", "test_ood.py")
 
 
 # Modules whose module-scoped fixtures are expensive (a registry of trained versions and four server processes,
 # two trained runs, a browser, the detector's small model) run on one worker, which builds them once; every
 # other test is scheduled alone.
-ONE_WORKER_MODULES = ("test_live_serving.py", "test_registry.py", "test_browser.py", "test_ood.py")
+ONE_WORKER_MODULES = ("test_live_serving.py", "test_registry.py", "test_browser.py", "test_ood.py",
+                      "test_prediction_loop.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -88,3 +88,51 @@ def test_a_picture_that_is_not_clothing_is_said_to_be_so(page, ui_url, tmp_path)
     expect(card.locator(".best-guess")).to_contain_text(f"best guess, if it were one: {answers[index]['class_name']} (")
     assert "rgb(148, 163, 184)" in card.locator(".bar.top").evaluate("bar => getComputedStyle(bar).backgroundColor")
     page.screenshot(path=str(ARTIFACTS / "ui_not_clothing.png"), full_page=True)
+
+
+def _feedback_counts(ui_url: str) -> dict:
+    """Corrections stored per model version, as the monitor reports them."""
+    report = requests.get(f"{ui_url}/monitor.json", timeout=60).json()
+    return {row["version"]: row["feedback"] for row in report["feedback"]}
+
+
+def test_a_correction_round_trips_from_the_keyboard_and_shows_on_the_monitor_page(page, ui_url, dataset, tmp_path):
+    """Under a prediction, "Wrong? Pick the right class" works from the keyboard alone (focus the select, arrow to
+    another class, Tab to the button, Enter); the page confirms the class stored, the scoring server's log holds
+    it (the monitor's feedback count rises), and the monitor page draws its statistics and plots."""
+    before = _feedback_counts(ui_url)
+    image = tmp_path / "garment.png"
+    image.write_bytes(base64.b64decode(png_base64(dataset.test_images[0])))
+    page.goto(ui_url)
+    page.set_input_files("#files", str(image))
+    card = page.locator(".card").first
+    expect(card).to_be_visible(timeout=30_000)
+    select = card.get_by_label("Wrong? Pick the right class:")
+    predicted = int(select.input_value())
+    select.focus()
+    page.keyboard.press("ArrowDown" if predicted < 9 else "ArrowUp")
+    chosen = int(select.input_value())
+    assert chosen != predicted
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    names = requests.post(f"{ui_url}/predict", json={"images": [png_base64(dataset.test_images[0])]},
+                          timeout=60).json()["class_names"]
+    expect(card.locator(".feedback-status")).to_have_text(f"Thanks: recorded as {names[chosen]}", timeout=30_000)
+    version = card.locator(".answered-by").inner_text().rsplit(" v", 1)[1]
+    assert _feedback_counts(ui_url)[version] == before.get(version, 0) + 1
+
+    page.goto(f"{ui_url}/monitor")
+    expect(page.locator("#model")).to_contain_text("logged predictions in the window")
+    expect(page.locator("#statistics tr")).not_to_have_count(1)  # a header and one row per statistic
+    expect(page.locator("#plot-mix polyline")).to_have_count(10)
+    expect(page.locator("#feedback")).to_contain_text(f"{version}")
+    page.screenshot(path=str(ARTIFACTS / "ui_monitor.png"), full_page=True)
+
+
+def test_the_feedback_form_post_needs_the_csrf_token(ui_url):
+    """A cross-site form post to /feedback without the page's token is refused (403); the JSON API relays the
+    scoring server's clear 4xx for an unknown prediction."""
+    forged = requests.post(f"{ui_url}/feedback", data={"prediction_id": "x-0", "label": "1"}, timeout=30)
+    assert forged.status_code == 403
+    unknown = requests.post(f"{ui_url}/feedback", json={"prediction_id": "no-such-0", "label": 1}, timeout=30)
+    assert unknown.status_code == 404 and "no logged prediction" in unknown.json()["message"]

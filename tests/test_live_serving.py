@@ -311,13 +311,6 @@ def test_reload_answers_only_on_the_servers_own_machine():
     assert asyncio.run(call("GET", "127.0.0.1")) == 405
 
 
-def test_rows_are_counted_by_kind_in_every_json_layout():
-    """Input kinds are read from records, split and columnar payloads; a bare tensor is pixels."""
-    pixels, image = [[0] * 28] * 28, "iVBORw0KGgo="
-    records = {"dataframe_records": [{"image": image}, {"pixels": pixels}]}
-    assert scoring.input_kinds(records, 2) == ["image", "pixels"]
-    split = {"dataframe_split": {"columns": ["pixels", "image"], "data": [[None, image], [pixels, None]]}}
-    assert scoring.input_kinds(split, 2) == ["image", "pixels"]
-    assert scoring.input_kinds({"inputs": {"image": [image, None], "pixels": [None, pixels]}}, 2) == ["image", "pixels"]
-    assert scoring.input_kinds({"inputs": [pixels, pixels]}, 2) == ["pixels", "pixels"]
+def test_unknown_paths_share_one_metrics_label():
+    """A scanner's URLs are counted under one route label, not one time series each."""
     assert metrics.route_label("/no/such/path", scoring.ROUTES) == metrics.OTHER_ROUTE

@@ -45,6 +45,26 @@ def test_a_champion_without_scores_is_an_error():
         decide("7", Scores(0.91, 0.05), "3", None)
 
 
+FEEDBACK_CHAMPION = Scores(accuracy=0.90, ece=0.02, feedback_accuracy=0.60)
+MARGIN = promotion.FEEDBACK_TEST_MARGIN
+
+
+@pytest.mark.parametrize(("test", "on_feedback", "promoted"), [
+    (0.90 - MARGIN, 0.70, True),            # better on corrections, test within the margin
+    (0.90 - 2 * MARGIN, 0.90, False),       # better on corrections, but loses too much on the test set
+    (0.91, 0.60, True),                     # as good on corrections, better on the test set
+    (0.95, 0.59, False),                    # worse on corrections, however good on the test set
+], ids=["feedback-gain", "test-loss", "tie-test-gain", "feedback-loss"])
+def test_with_held_out_corrections_the_gate_judges_on_them_within_a_test_margin(test, on_feedback, promoted):
+    """Where both models are scored on users' held-out corrections, the challenger must do better on them (or as
+    well, and better on the test set) without losing more than FEEDBACK_TEST_MARGIN on the test set."""
+    decision = decide("7", Scores(test, 0.02, on_feedback), "3", FEEDBACK_CHAMPION)
+    assert decision.promoted is promoted, decision.reason
+    assert "held-out corrections" in decision.reason and decision.champion_feedback_accuracy == 0.60
+    if test < 0.90 - MARGIN:
+        assert "loses more than 0.5% on the test set" in decision.reason
+
+
 def _run(experiment: str, val: float, test: float, status: str = "FINISHED") -> str:
     with mlflow.start_run(experiment_id=experiment) as run:
         mlflow.log_metrics({SELECTION_METRIC: val, "test_accuracy": test})

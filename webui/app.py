@@ -4,7 +4,11 @@
 Configuration (environment): FMNIST_SCORING_URL (default http://127.0.0.1:5001). What model answers is the
 scoring server's to say: /model_info relays its GET /model, and each prediction carries the X-Model-*
 headers of the answer it came in, so the page can never name another model than the one that answered.
-GET /metrics: Prometheus text format (fmnist_pyfunc/metrics.py).
+GET /metrics: Prometheus text format (fmnist_pyfunc/metrics.py). GET /monitor: the drift page (plots of what
+the model is shown and answers, from the scoring server's GET /monitor, relayed as /monitor.json).
+
+POST /feedback {"prediction_id": "...", "label": <class index or name>} relays a user's correction to the
+scoring server's prediction log, under the same CSRF rule as /predict (the page sends its token).
 
 POST /predict takes either
   * the page's form upload (multipart/form-data, field `files`), which must carry the page's CSRF token
@@ -47,7 +51,10 @@ UPSTREAM_TIMEOUT_S = 10.0             # a healthy server answers a 16-image batc
 HEALTH_TIMEOUT_S = 2.0
 MODEL_INFO_TTL_S = 5.0                # the page polls /model_info; the scoring server follows within 10 s
 MODEL_HEADERS = {"name": "X-Model-Name", "version": "X-Model-Version", "run_id": "X-Model-Run-Id"}
-ROUTES = frozenset({"/", "/predict", "/model_info", "/health", "/metrics", "/samples/<int:index>.png"})
+ROUTES = frozenset({"/", "/predict", "/feedback", "/monitor", "/monitor.json", "/model_info", "/health", "/metrics",
+                    "/samples/<int:index>.png"})
+PREDICTION_ID_HEADER = "X-Prediction-Id"  # the scoring server's id of a logged request; row i is "<id>-<i>"
+MAX_FEEDBACK_BYTES = 1024                 # {"prediction_id": <48 characters>, "label": <a class name>}
 
 
 class UploadError(Exception):
@@ -126,8 +133,9 @@ def _read_uploads() -> list[tuple[str, bytes]]:
 
 
 def _score(session: requests.Session, scoring_url: str, images: list[bytes],
-           timeout_s: float) -> tuple[list[dict], dict]:
-    """The predictions, and the model that made them (from the answer's X-Model-* headers)."""
+           timeout_s: float) -> tuple[list[dict], dict, str | None]:
+    """The predictions, the model that made them (from the answer's X-Model-* headers) and the id the
+    prediction log gave them (None when the scoring server logged nothing)."""
     body = {"dataframe_records": [{"image": base64.b64encode(img).decode()} for img in images],
             "params": {"return_seen": True}}  # the 28x28 image the model classified, shown beside each upload
     try:
@@ -143,7 +151,7 @@ def _score(session: requests.Session, scoring_url: str, images: list[bytes],
     if response.status_code != 200:
         raise UploadError("the model server failed to answer; try again in a moment", 502)
     model = {key: response.headers.get(header) for key, header in MODEL_HEADERS.items()}
-    return response.json()["predictions"], model
+    return response.json()["predictions"], model, response.headers.get(PREDICTION_ID_HEADER)
 
 
 def _upstream_message(response: requests.Response) -> str:
@@ -224,14 +232,43 @@ def create_app(scoring_url: str | None = None, upstream_timeout_s: float = UPSTR
     def predict():
         _check_csrf()
         uploads = _read_uploads()
-        predictions, model = _score(upstream, scoring_url, [payload for _, payload in uploads], upstream_timeout_s)
+        predictions, model, logged = _score(upstream, scoring_url, [payload for _, payload in uploads],
+                                            upstream_timeout_s)
         results = [{"filename": name, "class_index": p["class_index"], "class_name": p["class_name"],
+                    "prediction_id": f"{logged}-{row}" if logged else None,  # None: not logged, no feedback
                     "probability": max(p["probabilities"]), "probabilities": p["probabilities"],
                     # null from a model logged before the out-of-distribution detector
                     "in_distribution": p.get("in_distribution"), "ood_score": p.get("ood_score"),
                     "seen": _seen_png(p)}
-                   for (name, _), p in zip(uploads, predictions, strict=True)]
+                   for row, ((name, _), p) in enumerate(zip(uploads, predictions, strict=True))]
         return jsonify(results=results, class_names=config.CLASS_NAMES, model=model)
+
+    @app.post("/feedback")
+    def feedback():
+        _check_csrf()
+        body = request.get_data(cache=True)
+        if len(body) > MAX_FEEDBACK_BYTES or request.mimetype != "application/json":
+            raise UploadError('send JSON {"prediction_id": "...", "label": <class index or name>}', 400)
+        return _relay(upstream.post, f"{scoring_url}/feedback", data=body,
+                      headers={"Content-Type": "application/json"})
+
+    @app.get("/monitor")
+    def monitor_page():
+        return render_template("monitor.html")
+
+    @app.get("/monitor.json")
+    def monitor_json():
+        return _relay(upstream.get, f"{scoring_url}/monitor")
+
+    def _relay(method, url: str, **kwargs):
+        """The scoring server's JSON answer and status as they are; 503 when it cannot be reached."""
+        try:
+            response = method(url, timeout=upstream_timeout_s, **kwargs)
+            return jsonify(response.json()), response.status_code
+        except requests.RequestException:
+            return error_answer(503, "the model server is not reachable right now; try again in a moment")
+        except ValueError:
+            return error_answer(502, "the model server gave an answer that is not JSON")
 
     @app.get("/samples/<int:index>.png")
     def sample_image(index: int):

@@ -77,7 +77,45 @@ function card(result, previewUrl, classNames, model) {
     chart.append(row);
   });
   el.append(head, chart);
+  if (result.prediction_id) { el.append(feedbackForm(result, classNames)); }
   return el;
+}
+
+// "Wrong? Pick the right class": a labelled select and a button, so the keyboard alone can send a correction.
+function feedbackForm(result, classNames) {
+  const form = document.createElement("form");
+  form.className = "feedback";
+  const id = `fb-${result.prediction_id}`;
+  const label = document.createElement("label");
+  label.htmlFor = id;
+  label.textContent = "Wrong? Pick the right class: ";
+  const select = document.createElement("select");
+  select.id = id;
+  classNames.forEach((name, i) => {
+    const option = new Option(name, String(i), false, i === result.class_index);
+    select.append(option);
+  });
+  const send = document.createElement("button");
+  send.type = "submit";
+  send.textContent = "Send correction";
+  const status = document.createElement("span");
+  status.className = "muted feedback-status";
+  status.setAttribute("role", "status");
+  form.append(label, select, send, status);
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    status.textContent = "Sending\u2026";
+    try {
+      const r = await fetch("/feedback", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", "X-CSRF-Token": csrfToken },
+        body: JSON.stringify({ prediction_id: result.prediction_id, label: Number(select.value) }),
+      });
+      const answer = await r.json();
+      status.textContent = r.ok ? `Thanks: recorded as ${answer.label}` : answer.message;
+    } catch (err) { status.textContent = "The web UI is not reachable."; }
+  });
+  return form;
 }
 
 async function classify(files) {
