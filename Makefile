@@ -128,4 +128,4 @@ bench: install
 	$(BIN)/python benchmarks/train_speed.py
 
 clean:
-	rm -rf mlruns mlflow.db test-artifacts .pytest_cache
+	rm -rf mlruns mlflow.db predictions.db* test-artifacts .pytest_cache

@@ -115,7 +115,10 @@ def connect(url: str) -> Engine:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never block the writers
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
-    METADATA.create_all(engine, checkfirst=True)
+    try:
+        METADATA.create_all(engine, checkfirst=True)
+    except sa.exc.DBAPIError:  # another worker created them between our check and our CREATE: they exist now
+        METADATA.create_all(engine, checkfirst=True)
     return engine
 
 

@@ -11,6 +11,8 @@ Response: {"predictions": [{"class_index": 9, "class_name": "Ankle boot", "proba
 `in_distribution` is false when the picture does not look like clothing (`ood.py`: `ood_score` above 1); the
 class is then only the model's best guess. Models logged before the detector answer without both fields.
 With "params": {"return_seen": true}, each prediction also carries "seen": the 28x28 image classified.
+Whoever set `seen.WATCHER` around the call (the scoring server, for its prediction log) is handed what was
+classified and answered; nobody else pays for it.
 """
 
 from __future__ import annotations

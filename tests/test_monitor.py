@@ -114,3 +114,14 @@ def test_the_log_goes_beside_the_tracking_store_unless_configured(monkeypatch, t
     assert prediction_log.default_url("postgresql://u:p@db:5432/mlflow") == "postgresql+psycopg://u:p@db:5432/mlflow"
     monkeypatch.setenv(prediction_log.PREDICTION_LOG_ENV, "off")
     assert prediction_log.default_url("sqlite:///x/mlflow.db") == "off"
+
+
+def test_the_sample_rate_logs_that_share_of_requests(tmp_path, monkeypatch):
+    """--log-sample-rate r logs about r of the requests (1: every one, 0: none)."""
+    values = iter(np.random.default_rng(0).random(10_000))
+    monkeypatch.setattr(prediction_log.random, "random", lambda: next(values))
+    rates = {}
+    for rate in (0.0, 0.25, 1.0):
+        log = prediction_log.PredictionLog(f"sqlite:///{tmp_path}/p{rate}.db", sample_rate=rate)
+        rates[rate] = np.mean([log.sampled() for _ in range(2000)])
+    assert rates[0.0] == 0 and abs(rates[0.25] - 0.25) < 0.03 and rates[1.0] == 1
