@@ -228,7 +228,8 @@ class PredictionLog:
 
 
 def prune(engine: Engine, max_rows: int, max_days: float) -> int:
-    """Delete predictions older than `max_days` or beyond the newest `max_rows`, keeping any with feedback."""
+    """Delete predictions older than `max_days` or beyond the newest `max_rows`, keeping any with feedback. A
+    request's rows share their time, so a request is kept or deleted whole."""
     cutoff = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=max_days)
     with engine.begin() as connection:
         newest_kept = connection.execute(sa.select(PREDICTIONS.c.logged_at).order_by(PREDICTIONS.c.logged_at.desc())

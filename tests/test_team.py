@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import requests
+import sqlalchemy as sa
 from conftest import BIN, REPO
 
 from entrypoints import tracking_server as tracking_server_cli
@@ -252,3 +254,44 @@ def test_postgres_down_mid_sweep_fails_clearly_and_resumes(postgres, tracking_se
     study = optuna.load_study(study_name="outage", storage=postgres.url("optuna"))
     assert len([t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]) == BUDGET
     requests.get(f"{tracking_server}/health", timeout=5).raise_for_status()
+
+
+def test_the_prediction_log_lives_in_the_teams_postgresql(postgres, dataset):
+    """In team mode the log defaults to the tracking store's PostgreSQL database, in tables of its own beside
+    MLflow's; two writers (two scoring workers, or servers) log into it, feedback and retention work there, and
+    while PostgreSQL is down rows are dropped and counted, never waited for, until it is back."""
+    from fmnist_pyfunc import metrics, prediction_log
+    from fmnist_pyfunc.seen import Seen
+
+    url = prediction_log.default_url(postgres.url("mlflow"))
+    assert url.startswith("postgresql+psycopg://")
+
+    def answered(start: int, n: int = 20) -> Seen:
+        labels = dataset.test_labels[start:start + n]
+        probabilities = np.eye(10)[labels] * 0.9 + 0.01
+        return Seen(dataset.test_images[start:start + n], ["pixels"] * n, labels, probabilities, None)
+
+    writers = [prediction_log.PredictionLog(url) for _ in range(2)]
+    ids = [w.put({"name": "m", "version": str(i + 1), "run_id": "r"}, answered(20 * i)) for i, w in enumerate(writers)]
+    assert all(w.flush() for w in writers)
+    engine = prediction_log.connect(url)
+    assert len(prediction_log.recent(engine, 100, "r")) == 40
+    assert prediction_log.add_feedback(engine, f"{ids[0]}-3", int(dataset.test_labels[3]))["correct"] is True
+    assert prediction_log.feedback_accuracy(engine) == [{"version": "1", "feedback": 1, "accuracy": 1.0}]
+    # Retention keeps whole requests (a request's rows share their time): the newest request and the labelled row.
+    assert prediction_log.prune(engine, max_rows=1, max_days=30) == 19
+    assert {"fmnist_predictions", "fmnist_feedback"} <= set(sa.inspect(engine).get_table_names())
+
+    postgres.stop()
+    try:
+        dropped = metrics.LOG_DROPPED._value.get()
+        started = time.perf_counter()
+        assert writers[0].put({"name": "m", "version": "1", "run_id": "r"}, answered(100))
+        assert time.perf_counter() - started < 0.05
+        writers[0].flush()
+        assert metrics.LOG_DROPPED._value.get() == dropped + 20
+    finally:
+        postgres.start()
+    back = writers[0].put({"name": "m", "version": "1", "run_id": "r"}, answered(200))
+    assert writers[0].flush()
+    assert len([r for r in prediction_log.recent(engine, 100, "r") if r.id.startswith(back)]) == 20
