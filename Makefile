@@ -13,6 +13,7 @@ PROJECT      := mlflow run . --env-manager local
 DATASET_DIR  := /usr/share/datasets/fashion-mnist
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP        := $(VENV)/.installed
+SPARK_STAMP  := $(VENV)/.installed-spark
 MLFLOW_UI_PORT ?= 5000
 SCORING_PORT ?= 5001
 UI_PORT      ?= 8000
@@ -29,10 +30,17 @@ IMAGE        ?= fmnist:latest
 ENGINE       ?= auto
 OFFLINE      ?=
 
-.PHONY: install dataset system-deps container-deps run train sweep promote export image image-test serve ui serve-all \
+.PHONY: install spark dataset system-deps container-deps run train sweep promote export image image-test serve ui serve-all \
         tracking-server mlflow-ui test lint bench clean
 
 install: $(STAMP) dataset
+
+# pyspark for batch scoring (entrypoints/score.py): what `make test` needs beyond `make run`.
+spark: $(SPARK_STAMP)
+
+$(SPARK_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[spark]"
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,9 +55,9 @@ dataset:
 	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "dataset: no apt-get; torchvision will download Fashion-MNIST into ~/.cache/fmnist-pyfunc"; fi
 
-# What the browser, PostgreSQL and image tests need, from Debian.
+# What the browser, PostgreSQL, Spark and image tests need, from Debian.
 system-deps: container-deps
-	@$(call apt_install,chromium postgresql)
+	@$(call apt_install,chromium postgresql openjdk-17-jre-headless)
 
 # podman and what an offline build needs, unless a docker daemon runs (GitHub's runners).
 container-deps:
@@ -105,7 +113,7 @@ mlflow-ui: install
 # Longest first (conftest.LONGEST_FIRST), a few tests at a time per worker, so no worker is left with a queue;
 # the modules of conftest.ONE_WORKER_MODULES each run on one worker, which builds their module fixtures once.
 TEST_WORKERS ?= 4
-test: install system-deps lint
+test: install spark system-deps lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 lint: install

@@ -78,3 +78,14 @@ def correlation(a: np.ndarray, b: np.ndarray) -> float:
     shifts = range(-MAX_SHIFT, MAX_SHIFT + 1)
     return max(float(np.corrcoef(np.roll(a, (dy, dx), axis=(0, 1)).ravel(), b.ravel())[0, 1])
                for dy in shifts for dx in shifts)
+
+
+def png_files(images: np.ndarray, folder) -> list:
+    """28x28 images written as PNG files in `folder` (a pathlib.Path), named by index: their paths, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, pixels in enumerate(images):
+        path = folder / f"{index:06d}.png"
+        path.write_bytes(image_bytes(Image.fromarray(pixels)))
+        paths.append(path)
+    return paths
