@@ -2,17 +2,18 @@
 
     read_images -> checked -> score -> Parquet
 Input: a folder of image files (read recursively with Spark's `binaryFile` source), or a Parquet or CSV table
-with a column `path` (files to read) or `image` (the encoded image: bytes in Parquet, base64 in CSV), and any
-other columns, which are kept. Every row is first checked by the model's own input contract in a pandas UDF
-(contract.py: format, size, a full decode), so a bad file becomes a row with `error` set and never fails a
-Spark task; the good rows go to the pyfunc model through `spark_udf` in batches of UDF_BATCH_ROWS. Output:
-Parquet with `path` (or the table's columns), `class_index`, `class_name`, `probabilities`, `in_distribution`,
-`ood_score`, `model_uri`, `model_version` and `error`. The check decodes each image once more than serving
-does: the price of a job that cannot crash on one file.
+with a column `path` (files the executors can open) or `image` (the encoded image: bytes in Parquet, base64 in
+CSV), and any other columns, which are kept. Every row is first checked by the model's own input contract in a
+pandas UDF (contract.py: format, size, a full decode), so a bad or unreadable file becomes a row with `error`
+set and never fails a Spark task; the good rows go to the pyfunc model through `spark_udf` in batches of
+UDF_BATCH_ROWS. Output: Parquet with `path` (or the table's columns), `class_index`, `class_name`,
+`probabilities`, `in_distribution`, `ood_score`, `model_uri`, `model_version` and `error`. The check decodes
+each image once more than serving does: the price of a job that cannot crash on one file.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import sys
 import time
@@ -52,6 +53,7 @@ def session(master: str, conf: dict[str, str]):
 def read_images(spark, source: str):
     """A DataFrame with the column `image` (base64 text) beside the source's own columns (`path` for files)."""
     from pyspark.sql import functions as F
+    from pyspark.sql.types import StringType
 
     path = Path(source)
     if path.is_dir():
@@ -66,10 +68,19 @@ def read_images(spark, source: str):
         return table.withColumn("image", F.base64("image")) if is_bytes else table
     if "path" not in table.columns:
         raise ValueError(f"{source}: the table needs a column `image` (encoded images) or `path` (image files)")
-    files = spark.read.format("binaryFile").load(
-        [row.path for row in table.select("path").distinct().collect()]).select("path", "content")
-    joined = table.join(files, on="path", how="left")  # a path that cannot be read has no content
-    return joined.withColumn("image", F.base64("content")).drop("content")
+    return table.withColumn("image", F.pandas_udf(read_files, StringType())("path"))
+
+
+def read_files(paths: pd.Series) -> pd.Series:
+    """Each path's file as base64 text, or None where it cannot be read (the check reports it). Paths are those
+    the executors can open: a local or shared filesystem (`file:` URIs too); give object stores as a folder."""
+    encoded = []
+    for path in paths:
+        try:
+            encoded.append(base64.b64encode(Path(str(path).removeprefix("file:")).read_bytes()).decode())
+        except OSError:
+            encoded.append(None)
+    return pd.Series(encoded, dtype=object)
 
 
 def check_rows(images: pd.Series) -> pd.Series:

@@ -73,3 +73,16 @@ def test_a_parquet_table_of_image_bytes_keeps_its_columns(production, tracking_u
     assert out.loc["broken", "error"] and pd.isna(out.loc["broken", "class_index"])
     scored = out.drop("broken").loc[[f"sku-{i}" for i in range(N_TABLE)]]
     assert scored["class_index"].tolist() == _in_process(files)["class_index"].tolist()
+
+
+def test_a_csv_of_paths_reads_each_file_and_reports_a_missing_one(production, tracking_uri, dataset, tmp_path):
+    """A CSV table of file paths (plain and `file:` URIs) is scored from the files; a path that does not exist
+    is an error row ("could not be read"), not a failed job."""
+    files = png_files(dataset.test_images[:3], tmp_path / "png")
+    table = pd.DataFrame({"sku": ["a", "b", "c", "gone"],
+                          "path": [str(files[0]), f"file:{files[1]}", str(files[2]), str(tmp_path / "gone.png")]})
+    table.to_csv(tmp_path / "catalog.csv", index=False)
+    _score(tracking_uri, tmp_path / "catalog.csv", tmp_path / "out.parquet")
+    out = pd.read_parquet(tmp_path / "out.parquet").set_index("sku")
+    assert out.loc["gone", "error"] == "the file could not be read"
+    assert out.loc[["a", "b", "c"], "class_index"].tolist() == _in_process(files)["class_index"].tolist()
