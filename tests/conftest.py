@@ -40,10 +40,10 @@ LONGEST_FIRST = ("test_container_image.py", "test_team.py", "test_sweep.py", "te
 
 # Modules whose module-scoped fixtures are expensive (a registry of trained versions and four server processes,
 # two trained runs, a browser, the detector's small model) or whose tests build on each other (the image, then
-# the Kubernetes Deployment on it) run on one worker, which builds them once; every other test is scheduled
-# alone.
+# the Kubernetes Deployment on it) or that load the machine (Spark) run on one worker, which builds them once;
+# every other test is scheduled alone.
 ONE_WORKER_MODULES = ("test_live_serving.py", "test_registry.py", "test_browser.py", "test_ood.py",
-                      "test_prediction_loop.py", "test_container_image.py")
+                      "test_prediction_loop.py", "test_container_image.py", "test_batch_scoring.py")
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -61,6 +61,7 @@ def test_retraining_on_feedback_learns_the_corrected_kind_and_passes_the_gate(pr
     FEEDBACK_TEST_MARGIN, the gate promotes it, and the run records the feedback snapshot as dataset inputs."""
     log_url = f"sqlite:///{tmp_path}/predictions.db"
     monkeypatch.setenv(prediction_log.PREDICTION_LOG_ENV, log_url)
+    mlflow.set_experiment("feedback-baseline")  # of this store: an earlier test's experiment id is not in it
     baseline = tracking.run_training(config.validate(SMALL_TRAIN), dataset, progress=False)
     assert promotion.promote(baseline, dataset, force=True).promoted
 
