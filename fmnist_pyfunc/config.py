@@ -68,6 +68,7 @@ FOLLOW_INTERVAL_S = 10.0  # the scoring server re-resolves models:/NAME/Producti
 # The prediction log (prediction_log.py): its defaults, here because the scoring server's argparse names them
 # before any module that loads prometheus_client may be imported.
 PREDICTION_LOG_ENV = "FMNIST_PREDICTION_LOG"  # a SQLAlchemy URL, or "off"
+PREDICTION_ID_HEADER = "X-Prediction-Id"      # the answer's: a logged request's id; row i's prediction is "<id>-<i>"
 PREDICTION_LOG_OFF = "off"
 PREDICTION_LOG_FILE = "predictions.db"  # beside mlflow.db: its own file, so its writes never lock the tracking store
 LOG_SAMPLE_RATE = 1.0                   # every request; a busy service logs a share of them

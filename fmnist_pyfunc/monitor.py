@@ -46,6 +46,11 @@ def ink(images: np.ndarray) -> np.ndarray:
     return (images.reshape(len(images), -1) >= INK_LEVEL).mean(1)
 
 
+def ood_share(ood_score: np.ndarray) -> float:
+    """The share of answers flagged as not clothing."""
+    return float((~ood.in_distribution(ood_score)).mean())
+
+
 def class_mix(class_index: np.ndarray) -> np.ndarray:
     return np.bincount(class_index, minlength=NUM_CLASSES) / max(len(class_index), 1)
 
@@ -84,7 +89,7 @@ def compare(reference: dict, images: np.ndarray, class_index: np.ndarray, confid
         checks[f"{name}_ks"] = (float(test.statistic), None, None)
         checks[f"{name}_ks_p"] = (float(test.pvalue), KS_ALERT_P, "below")
     if ood_score is not None and n:
-        checks["ood_share"] = (float((ood_score > ood.THRESHOLD).mean()), OOD_SHARE_ALERT, "above")
+        checks["ood_share"] = (ood_share(ood_score), OOD_SHARE_ALERT, "above")
     statistics = {}
     for name, (value, threshold, side) in checks.items():
         past = threshold is not None and (value > threshold if side == "above" else value < threshold)
@@ -105,7 +110,7 @@ def history(reference: dict, at: list, images: np.ndarray, class_index: np.ndarr
         points.append({"until": at[part[-1]].isoformat(timespec="seconds"), "rows": len(part),
                        "class_mix": _rounded(mix), "confidence": float(confidence[part].mean()),
                        "brightness": float(brightness(images[part]).mean()),
-                       "ood_share": None if ood_score is None else float((ood_score[part] > ood.THRESHOLD).mean()),
+                       "ood_share": None if ood_score is None else ood_share(ood_score[part]),
                        "class_mix_psi": psi(np.asarray(reference["class_mix"]), mix)})
     return points
 

@@ -53,7 +53,6 @@ FLUSH_INTERVAL_S = 0.2              # queued rows wait at most this long: what a
 SQLITE_BUSY_TIMEOUT_S = 5.0         # another worker's write in progress: wait, rather than fail the batch
 PRUNE_INTERVAL_S = 600.0            # retention is enforced this often per worker (two DELETEs)
 ERROR_LOG_INTERVAL_S = 60.0         # one warning a minute while the store is down, not one per batch
-PREDICTION_ID = "x-prediction-id"   # response header: the request's id; row i's prediction id is "<id>-<i>"
 
 log = logging.getLogger(__name__)
 METADATA = sa.MetaData()
@@ -134,11 +133,12 @@ class Answered:
 def rows_of(entry: Answered) -> list[dict]:
     s = entry.seen
     top = s.probabilities.max(1)
+    inside = None if s.ood_score is None else ood.in_distribution(s.ood_score)
     return [{"id": f"{entry.request_id}-{i}", "logged_at": entry.at, "model_name": entry.model.get("name"),
              "model_version": entry.model.get("version"), "run_id": entry.model.get("run_id"),
              "input_kind": s.kinds[i], "image": s.images[i].tobytes(), "class_index": int(s.class_index[i]),
              "top_probability": float(top[i]),
-             "in_distribution": None if s.ood_score is None else bool(s.ood_score[i] <= ood.THRESHOLD),
+             "in_distribution": None if inside is None else bool(inside[i]),
              "ood_score": None if s.ood_score is None else float(s.ood_score[i])}
             for i in range(len(s.images))]
 

@@ -36,6 +36,7 @@ from fmnist_pyfunc.config import (
     LOG_MAX_DAYS,
     LOG_MAX_ROWS,
     LOG_SAMPLE_RATE,
+    PREDICTION_ID_HEADER,
     PREDICTION_LOG_OFF,
 )
 from fmnist_pyfunc.live_model import LiveModel, first_line
@@ -147,7 +148,7 @@ class ScoringApp:
         if self.log is None or len(sink) != 1 or not self.log.sampled():
             return []
         request_id = self.log.put({k: served.info.get(k) for k in ("name", "version", "run_id")}, sink[0])
-        return [(prediction_log.PREDICTION_ID.encode(), request_id.encode())] if request_id else []
+        return [(PREDICTION_ID_HEADER.lower().encode(), request_id.encode())] if request_id else []
 
     async def _monitor(self, scope, send):
         if self.log is None:
@@ -255,7 +256,7 @@ def count_seen(sink: list[seen.Seen]) -> None:
         for index in answered.class_index:
             metrics.PREDICTED.labels(CLASS_NAMES[index]).inc()
         if answered.ood_score is not None:
-            metrics.OUT_OF_DISTRIBUTION.inc(int((answered.ood_score > ood.THRESHOLD).sum()))
+            metrics.OUT_OF_DISTRIBUTION.inc(int((~ood.in_distribution(answered.ood_score)).sum()))
 
 
 def create_app(live: LiveModel, max_body_bytes: int = MAX_BODY_BYTES, log: PredictionLog | None = None):

@@ -47,12 +47,12 @@ def input_example(dataset: data.FashionMNIST) -> pd.DataFrame:
 
 
 def log_pyfunc_model(result: training.TrainResult, cfg: dict, dataset: data.FashionMNIST,
-                     detector: ood.Detector) -> None:
+                     detector: ood.Detector, profile: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights, config, outliers = Path(tmp, "weights.pt"), Path(tmp, "model_config.json"), Path(tmp, "ood.npz")
         reference = Path(tmp, "reference.json")
         detector.save(outliers)
-        reference.write_text(json.dumps(training.reference_profile(result, dataset, cfg["tta"], detector)))
+        reference.write_text(json.dumps(profile))
         state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
         torch.save(state, weights)
         config.write_text(json.dumps({**{k: cfg[k] for k in ("arch", "width", "depth", "dropout", "tta")},
@@ -149,7 +149,8 @@ def run_training(cfg: dict, dataset: data.FashionMNIST, parent_run_id: str | Non
             holdout = corrections.holdout
             mlflow.log_metric("feedback_holdout_accuracy",
                               training.accuracy(result, holdout.images, holdout.labels, cfg["tta"]))
-        detector = training.fit_ood(result, dataset, cfg["tta"], cfg["seed"])
+        val = training.validation_outputs(result, dataset, cfg["tta"])  # once: the detector's and drift's
+        detector = training.fit_ood(result, dataset, cfg["tta"], cfg["seed"], val)
         log_evaluation(result, cfg, dataset, detector)
-        log_pyfunc_model(result, cfg, dataset, detector)
+        log_pyfunc_model(result, cfg, dataset, detector, training.reference_profile(result, dataset, val, detector))
         return run.info.run_id

@@ -78,14 +78,22 @@ def test_scores(result: TrainResult, dataset: data.FashionMNIST, tta: bool,
     return raw, test
 
 
-def fit_ood(result: TrainResult, dataset: data.FashionMNIST, tta: bool, seed: int) -> ood.Detector:
+def validation_outputs(result: TrainResult, dataset: data.FashionMNIST, tta: bool) -> inference.Outputs:
+    """The validation split through the network as the served model scores it (on the CPU, in serving's
+    precision): what the detector's scales and the drift reference are taken from."""
+    images = dataset.train_images[result.val_indices]
+    return inference.forward(result.model.to("cpu"), images, tta, inference.serving_bf16())
+
+
+def fit_ood(result: TrainResult, dataset: data.FashionMNIST, tta: bool, seed: int,
+            val: inference.Outputs | None = None) -> ood.Detector:
     """The out-of-distribution detector, fitted as the served model scores (on the CPU, in serving's precision):
     its Gaussians on up to ood.FIT_IMAGES images of the training split, its scales and threshold on the
-    validation split. Test images are never seen."""
+    validation split (`val`, `validation_outputs`, computed here if not given). Test images are never seen."""
     fit_indices = np.random.default_rng(seed).permutation(result.train_indices)[:ood.FIT_IMAGES]
-    network, bf16 = result.model.to("cpu"), inference.serving_bf16()
-    train = inference.forward(network, dataset.train_images[fit_indices], tta, bf16)
-    val = inference.forward(network, dataset.train_images[result.val_indices], tta, bf16)
+    train = inference.forward(result.model.to("cpu"), dataset.train_images[fit_indices], tta,
+                              inference.serving_bf16())
+    val = val if val is not None else validation_outputs(result, dataset, tta)
     return ood.fit(train, dataset.train_labels[fit_indices], val, result.temperature)
 
 
@@ -95,11 +103,12 @@ def accuracy(result: TrainResult, images: np.ndarray, labels: np.ndarray, tta: b
     return float((logits.argmax(1).numpy() == labels).mean())
 
 
-def reference_profile(result: TrainResult, dataset: data.FashionMNIST, tta: bool, detector: ood.Detector) -> dict:
-    """The validation split as the served model sees and answers it: what drift is measured against (monitor.py)."""
-    images = dataset.train_images[result.val_indices]
-    outputs = inference.forward(result.model.to("cpu"), images, tta, inference.serving_bf16())
-    return monitor.profile(images, inference.calibrated(outputs.logits, result.temperature), detector.score(outputs))
+def reference_profile(result: TrainResult, dataset: data.FashionMNIST, val: inference.Outputs,
+                      detector: ood.Detector) -> dict:
+    """The validation split as the served model sees and answers it (`val`: `validation_outputs`): what drift is
+    measured against (monitor.py)."""
+    probabilities = inference.calibrated(val.logits, result.temperature)
+    return monitor.profile(dataset.train_images[result.val_indices], probabilities, detector.score(val))
 
 
 def optimiser(model: torch.nn.Module, cfg: dict, steps_per_epoch: int):

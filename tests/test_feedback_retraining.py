@@ -43,7 +43,7 @@ def _correct_photos_in_the_served_model(url: str, dataset) -> int:
                 for i, g in enumerate(garments[start:start + BATCH])]
         answer = requests.post(f"{url}/invocations", json={"dataframe_records": rows}, timeout=120)
         assert answer.status_code == 200, answer.text
-        request_id = answer.headers[prediction_log.PREDICTION_ID]
+        request_id = answer.headers[config.PREDICTION_ID_HEADER]
         for row, prediction in enumerate(answer.json()["predictions"]):
             label = int(labels[start + row])
             wrong += prediction["class_index"] != label

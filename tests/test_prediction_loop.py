@@ -58,7 +58,7 @@ def _wait_for(ids: set[str], log_url: str) -> set[str]:
 
 
 def _ids(response: requests.Response, rows: int) -> set[str]:
-    request_id = response.headers[prediction_log.PREDICTION_ID]
+    request_id = response.headers[config.PREDICTION_ID_HEADER]
     return {f"{request_id}-{row}" for row in range(rows)}
 
 
@@ -111,7 +111,7 @@ def test_every_answered_image_is_logged_with_the_id_its_client_got(server, datas
                                                           .where(prediction_log.PREDICTIONS.c.id.in_(ids)))}
     answers = response.json()["predictions"]
     for row_index, answer in enumerate(answers):
-        row = rows[f"{response.headers[prediction_log.PREDICTION_ID]}-{row_index}"]
+        row = rows[f"{response.headers[config.PREDICTION_ID_HEADER]}-{row_index}"]
         assert np.array_equal(np.frombuffer(row.image, np.uint8).reshape(28, 28), images[row_index])
         assert row.class_index == answer["class_index"]
         assert row.top_probability == pytest.approx(max(answer["probabilities"]))

@@ -53,7 +53,6 @@ MODEL_INFO_TTL_S = 5.0                # the page polls /model_info; the scoring 
 MODEL_HEADERS = {"name": "X-Model-Name", "version": "X-Model-Version", "run_id": "X-Model-Run-Id"}
 ROUTES = frozenset({"/", "/predict", "/feedback", "/monitor", "/monitor.json", "/model_info", "/health", "/metrics",
                     "/samples/<int:index>.png"})
-PREDICTION_ID_HEADER = "X-Prediction-Id"  # the scoring server's id of a logged request; row i is "<id>-<i>"
 MAX_FEEDBACK_BYTES = 1024                 # {"prediction_id": <48 characters>, "label": <a class name>}
 
 
@@ -151,7 +150,7 @@ def _score(session: requests.Session, scoring_url: str, images: list[bytes],
     if response.status_code != 200:
         raise UploadError("the model server failed to answer; try again in a moment", 502)
     model = {key: response.headers.get(header) for key, header in MODEL_HEADERS.items()}
-    return response.json()["predictions"], model, response.headers.get(PREDICTION_ID_HEADER)
+    return response.json()["predictions"], model, response.headers.get(config.PREDICTION_ID_HEADER)
 
 
 def _upstream_message(response: requests.Response) -> str:
