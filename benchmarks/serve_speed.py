@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
+import json
 import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -123,6 +126,56 @@ def during_swaps(session, url: str, body: dict, versions: list[str], args) -> tu
     return times, sum(a != b for a, b in zip(answered, answered[1:], strict=False))
 
 
+def v2_binary_body(images: np.ndarray) -> tuple[bytes, dict]:
+    """An Open Inference Protocol request of UINT8 pixels [N, 28, 28] as binary tensor data, and its headers."""
+    header = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(images.shape),
+                                     "parameters": {"binary_data_size": images.nbytes}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + images.tobytes(), {"Inference-Header-Content-Length": str(len(header)),
+                                       "Content-Type": "application/octet-stream"}
+
+
+def concurrent_clients(url: str, body: bytes, headers: dict, clients: int, total: int) -> dict:
+    """`clients` threads, each with its own keep-alive connection, send `total` single-image requests in all."""
+    statuses, latencies = collections.Counter(), []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        session = requests.Session()
+        for _ in range(n):
+            start = time.perf_counter()
+            status = session.post(url, data=body, headers=headers, timeout=60).status_code
+            with lock:
+                statuses[status] += 1
+                latencies.append(time.perf_counter() - start)
+
+    shares = [total // clients + (i < total % clients) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(n,)) for n in shares]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"seconds": time.perf_counter() - start, "statuses": dict(statuses), "latencies": latencies}
+
+
+def concurrency_benchmark(args, images: np.ndarray, logs: Path) -> None:
+    """64 (and 16) concurrent single-image clients, with adaptive batching on and off."""
+    body = json.dumps({"dataframe_records": [{"pixels": images[0].tolist()}]}).encode()
+    json_headers = {"Content-Type": "application/json"}
+    for label, extra in (("batching on", ()), ("batching off", ("--batch-max-rows", "0"))):
+        (logs / label.replace(" ", "-")).mkdir()
+        with harness.scoring_and_ui(args.model_uri, harness.child_env(), logs / label.replace(" ", "-"),
+                                    scoring_workers=args.workers, scoring_args=extra) as pair:
+            url = f"{pair.scoring_url}/invocations"
+            concurrent_clients(url, body, json_headers, 4, 16)  # warm-up
+            for clients in (16, 64):
+                result = concurrent_clients(url, body, json_headers, clients, args.concurrent_requests)
+                print(f"{clients:2d} clients, {args.concurrent_requests} single-image requests, {label:12s}: "
+                      f"{result['seconds']:5.2f} s = {args.concurrent_requests / result['seconds']:6.1f} req/s | "
+                      f"{percentiles(result['latencies'])} | statuses {result['statuses']}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-uri", default=config.PRODUCTION_MODEL_URI,
@@ -130,6 +183,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300,
                         help="single-image requests per case (default: %(default)s)")
     parser.add_argument("--batch-repeats", type=int, default=10, help="requests per batch size (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="scoring server workers, as `make serve` (default: %(default)s)")
+    parser.add_argument("--concurrent-requests", type=int, default=256,
+                        help="single-image requests in the concurrency phase (default: %(default)s)")
+    parser.add_argument("--skip-concurrency", action="store_true",
+                        help="skip the concurrent clients phase, batching on and off (default: off)")
     parser.add_argument("--plain-mlflow", action="store_true",
                         help="serve with plain `mlflow models serve` instead of entrypoints.serve (default: off)")
     parser.add_argument("--swap", action="store_true",
@@ -147,17 +206,19 @@ def main() -> None:
     png = [{"image": contract.png_base64(img)} for img in images]
 
     logs = Path(tempfile.mkdtemp(prefix="fmnist-serve-speed-"))
-    with harness.scoring_and_ui(args.model_uri, harness.child_env(), logs, plain_mlflow=args.plain_mlflow) as pair:
+    with harness.scoring_and_ui(args.model_uri, harness.child_env(), logs, scoring_workers=args.workers,
+                                plain_mlflow=args.plain_mlflow) as pair:
         session = harness.ui_session(pair.ui_url)  # as a browser: with the CSRF token
         url = f"{pair.scoring_url}/invocations"
         model = mlflow.pyfunc.load_model(args.model_uri)
 
-        def invoke(records):
-            response = session.post(url, json={"dataframe_records": records}, timeout=60)
-            response.raise_for_status()
+        def invoke(records, encoded: dict = {}):  # noqa: B006 -- bodies encoded once: the client's cost is not timed
+            key = (id(records), len(records))
+            body = encoded.setdefault(key, json.dumps({"dataframe_records": records}).encode())
+            session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60).raise_for_status()
 
         print(f"model {args.model_uri}; {'mlflow models serve' if args.plain_mlflow else 'entrypoints.serve'}, "
-              f"1 worker; {os.cpu_count()} CPU cores")
+              f"{args.workers} worker(s); {os.cpu_count()} CPU cores; {cpu_name()}")
         png_bytes = base64.b64decode(png[0]["image"])
         for name, records in (("raw pixels", raw), ("base64 PNG", png)):
             http = time_calls(lambda r=records: invoke(r[:1]), args.requests)
@@ -174,9 +235,26 @@ def main() -> None:
             for batch in BATCH_SIZES:
                 http = time_calls(lambda r=records, b=batch: invoke(r[:b]), args.batch_repeats)
                 local = time_calls(lambda r=records, b=batch: model.predict(pd.DataFrame(r[:b])), args.batch_repeats)
+                ratio = np.median(local) / np.median(http)
                 print(f"batch {batch:3d} {name:10s}  HTTP {batch / np.median(http):8.0f} img/s | in-process "
-                      f"{batch / np.median(local):8.0f} img/s | overhead x{np.median(http) / np.median(local):.1f}")
+                      f"{batch / np.median(local):8.0f} img/s | HTTP/in-process x{ratio:.2f}")
+        if not args.plain_mlflow:
+            body, headers = v2_binary_body(images)
+            infer = f"{pair.scoring_url}/v2/models/{config.REGISTERED_MODEL_NAME}/infer"
+            http = time_calls(lambda: session.post(infer, data=body, headers=headers, timeout=60).raise_for_status(),
+                              args.batch_repeats)
+            local = time_calls(lambda: model.predict(pd.DataFrame({"pixels": list(images)})), args.batch_repeats)
+            print(f"batch 256 V2 binary UINT8  HTTP {256 / np.median(http):5.0f} img/s | in-process "
+                  f"{256 / np.median(local):8.0f} img/s | HTTP/in-process x{np.median(local) / np.median(http):.2f}")
+    if not args.plain_mlflow and not args.skip_concurrency:
+        concurrency_benchmark(args, images, logs)
 
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 if __name__ == "__main__":
     main()

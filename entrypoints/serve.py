@@ -23,6 +23,7 @@ import uvicorn
 from mlflow.exceptions import MlflowException
 
 from fmnist_pyfunc import cli, config
+from fmnist_pyfunc.contract import MAX_BATCH_ROWS
 from fmnist_pyfunc.transport import MAX_BODY_BYTES
 
 DEFAULT_HOST = config.LOOPBACK  # exposing the server is a decision, made with --host
@@ -52,9 +53,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep at most this many predictions (default: %(default)s)")
     parser.add_argument("--log-max-days", type=float, default=config.LOG_MAX_DAYS,
                         help="and none older than this (default: %(default)s); those with feedback are kept")
+    parser.add_argument("--batch-max-rows", type=int, default=config.BATCH_MAX_ROWS,
+                        help="rows one forward pass may gather from concurrent requests; 0: no batching, each "
+                             f"request its own (default: %(default)s, at most {MAX_BATCH_ROWS})")
+    parser.add_argument("--batch-max-wait-ms", type=float, default=config.BATCH_MAX_WAIT_S * 1000,
+                        help="how long a forward pass waits for requests still being parsed; an idle server never "
+                             "waits (default: %(default)s)")
+    parser.add_argument("--max-queued-rows", type=int, default=config.MAX_QUEUED_ROWS,
+                        help="rows a worker accepts before answering 429 (default: %(default)s)")
     args = parser.parse_args(argv)
     if not 0 <= args.log_sample_rate <= 1 or args.log_max_rows < 1 or args.log_max_days <= 0:
         parser.error("--log-sample-rate must be in 0..1, --log-max-rows and --log-max-days positive")
+    if not 0 <= args.batch_max_rows <= MAX_BATCH_ROWS or args.batch_max_wait_ms < 0 or args.max_queued_rows < 1:
+        parser.error(f"--batch-max-rows must be in 0..{MAX_BATCH_ROWS}, --batch-max-wait-ms >= 0, "
+                     "--max-queued-rows positive")
     if args.workers < 1 or args.max_body_bytes < 1 or not 0 < args.port < 65536 or args.follow_interval_s < 0:
         parser.error("--workers and --max-body-bytes must be positive, --port in 1..65535, "
                      "--follow-interval-s >= 0")
@@ -75,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     log_url = args.prediction_log or prediction_log.default_url()
     os.environ.update(scoring.Settings(args.model_uri, model_path, version, args.follow_interval_s,
                                        str(state / "reload"), args.max_body_bytes, log_url, args.log_sample_rate,
-                                       args.log_max_rows, args.log_max_days).to_env())
+                                       args.log_max_rows, args.log_max_days, args.batch_max_rows,
+                                       args.batch_max_wait_ms / 1000, args.max_queued_rows).to_env())
     if log_url != config.PREDICTION_LOG_OFF:
         print(f"prediction log: {prediction_log.redacted(log_url)} (sample rate {args.log_sample_rate:g})", flush=True)
     try:

@@ -11,11 +11,12 @@ import time
 from http import HTTPStatus
 
 from fmnist_pyfunc import metrics
-from fmnist_pyfunc.transport import MAX_JSON_DEPTH, json_depth
+from fmnist_pyfunc.transport import MAX_HELD_BODY_BYTES, MAX_JSON_DEPTH, json_depth
 
 MAX_ERROR_CHARS = 500   # a reason, not a dump: MLflow's messages can embed the whole request
 # MLflow's scoring errors read "Failed to predict data '<the input>'. \nError: <reason>": keep the reason.
 MLFLOW_REASON_MARKER = "\nError: "
+RETRY_AFTER = (b"retry-after", b"1")  # seconds: a scoring request takes milliseconds to about a second
 
 
 async def send_bytes(send, status: int, body: bytes, content_type: bytes = b"application/json",
@@ -41,31 +42,44 @@ def _replaying(message: dict, receive):
 
 
 class BodyLimit:
-    """Refuse request bodies over `max_bytes` with 413, by Content-Length or while streaming."""
+    """Refuse request bodies over `max_bytes` with 413, by Content-Length or while streaming; and, while this
+    app already holds `max_held_bytes` of bodies (declared, or `max_bytes` for a chunked one), answer 429 with
+    Retry-After before reading another."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, max_held_bytes: int = MAX_HELD_BODY_BYTES):
+        self.app, self.max_bytes, self.max_held_bytes = app, max_bytes, max_held_bytes
+        self.held = 0  # one event loop per worker: no lock needed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         too_large = {"error_code": HTTPStatus.REQUEST_ENTITY_TOO_LARGE.name,
                      "message": f"request body exceeds {self.max_bytes:,} bytes; send fewer or smaller images"}
-        declared = dict(scope["headers"]).get(b"content-length", b"0")
-        if declared.isdigit() and int(declared) > self.max_bytes:
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await send_json(send, 413, too_large)
-        body = bytearray()
-        while True:  # chunked bodies declare no length: count what arrives
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_bytes:
-                return await send_json(send, 413, too_large)
-            if not message.get("more_body"):
-                break
-        await self.app(scope, _replaying({"type": "http.request", "body": bytes(body), "more_body": False}, receive),
-                       send)
+        reserved = int(declared) if declared is not None and declared.isdigit() else self.max_bytes
+        if self.held and self.held + reserved > self.max_held_bytes:
+            return await send_json(send, 429, {
+                "error_code": HTTPStatus.TOO_MANY_REQUESTS.name,
+                "message": f"this worker holds {self.held:,} bytes of requests already; retry in a moment"},
+                [RETRY_AFTER])
+        self.held += reserved
+        try:
+            body = bytearray()
+            while True:  # chunked bodies declare no length: count what arrives
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body += message.get("body", b"")
+                if len(body) > self.max_bytes:
+                    return await send_json(send, 413, too_large)
+                if not message.get("more_body"):
+                    break
+            await self.app(scope, _replaying({"type": "http.request", "body": bytes(body), "more_body": False},
+                                             receive), send)
+        finally:
+            self.held -= reserved
 
 
 class WellFormed:
@@ -110,10 +124,11 @@ def clean_error(status: int, body: bytes) -> dict:
 
 
 class CleanErrors:
-    """Rewrite every 4xx/5xx answer with `clean_error`; successful answers pass through untouched."""
+    """Rewrite every 4xx/5xx answer with `clean_error`, then `shape(scope, error)` (a protocol's own fields);
+    successful answers pass through untouched."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, shape=lambda scope, error: error):
+        self.app, self.shape = app, shape
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -130,8 +145,8 @@ class CleanErrors:
             if message["type"] == "http.response.body" and error["status"]:
                 error["body"] += message.get("body", b"")
                 if not message.get("more_body"):
-                    await send_json(send, error["status"], clean_error(error["status"], bytes(error["body"])),
-                                     error["headers"])
+                    cleaned = clean_error(error["status"], bytes(error["body"]))
+                    await send_json(send, error["status"], self.shape(scope, cleaned), error["headers"])
                 return None
             return await send(message)
 
@@ -139,16 +154,16 @@ class CleanErrors:
 
 
 class Observed:
-    """Count every answer by route (one of `routes`, else "other") and status, its latency and the request
-    bytes received, labelled with `server`."""
+    """Count every answer by route (`route(path)`: a bounded set of labels) and status, its latency and the
+    request bytes received, labelled with `server`."""
 
-    def __init__(self, app, server: str, routes: frozenset[str]):
-        self.app, self.server, self.routes = app, server, routes
+    def __init__(self, app, server: str, route):
+        self.app, self.server, self.route = app, server, route
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = metrics.route_label(scope["path"], self.routes)
+        route = self.route(scope["path"])
         started, status = time.perf_counter(), {"code": 500}
 
         async def counted_receive():

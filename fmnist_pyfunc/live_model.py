@@ -37,11 +37,13 @@ REFERENCE = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<selec
 
 @dataclass(frozen=True)
 class Served:
-    """One loaded model: MLflow's scoring app for it and what /model says about it."""
+    """One loaded model: the pyfunc model, MLflow's scoring app for it and what /model says about it."""
+    model: object
     app: object
     info: dict
     headers: list = field(default_factory=list)
     reference: dict | None = None  # the validation profile drift is measured against (monitor.py); None: none logged
+    with_detector: bool = False    # answers in_distribution and ood_score (models logged before it do not)
 
 
 def moving_reference(uri: str) -> tuple[str, str] | None:
@@ -106,8 +108,9 @@ def load_checked(path: str, info: dict) -> Served:
     headers = [(b"x-model-name", str(info["name"]).encode()), (b"x-model-run-id", str(info.get("run_id")).encode())]
     if info.get("version"):
         headers.append((b"x-model-version", str(info["version"]).encode()))
-    reference = getattr(model.unwrap_python_model(), "reference", None)
-    return Served(scoring_server.init(model), info, headers, reference)
+    python_model = model.unwrap_python_model()
+    return Served(model, scoring_server.init(model), info, headers, getattr(python_model, "reference", None),
+                  getattr(python_model, "detector", None) is not None)
 
 
 class LiveModel:

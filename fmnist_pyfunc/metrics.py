@@ -41,6 +41,11 @@ MODEL = Gauge("fmnist_model_info", "The model version a scoring worker serves", 
 LOG_WRITTEN = Counter("fmnist_prediction_log_written", "Predictions written to the prediction log")
 # Rows the log could not take (queue full: the store is slow or down) or could not write: requests never fail for it.
 LOG_DROPPED = Counter("fmnist_prediction_log_dropped", "Predictions not logged: queue full or store unavailable")
+# Rows per forward pass of the scoring worker's model (batching.py): 1 when idle, growing under load.
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # up to contract.MAX_BATCH_ROWS
+BATCH_ROWS = Histogram("fmnist_batch_rows", "Rows scored by one forward pass", buckets=BATCH_BUCKETS)
+# Rows waiting for the model, summed over the live workers.
+QUEUED_ROWS = Gauge("fmnist_queued_rows", "Rows waiting for a forward pass", multiprocess_mode="livesum")
 RELOADS = Counter("fmnist_model_reloads", "New model versions loaded and swapped in")
 RELOAD_FAILURES = Counter("fmnist_model_reload_failures", "New versions refused (download, load or self-check failed)")
 

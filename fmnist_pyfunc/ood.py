@@ -51,9 +51,13 @@ class Gaussians:
     whitening: torch.Tensor  # (D, D) float32
 
     def distance(self, x: torch.Tensor) -> torch.Tensor:
-        """Squared Mahalanobis distance of each row of x (N, D) to the nearest of the K means."""
-        z = x @ self.whitening.T
-        return ((z * z).sum(1, keepdim=True) - 2 * z @ self.means.T + (self.means * self.means).sum(1)).amin(1)
+        """Squared Mahalanobis distance (float64) of each row of x (N, D) to the nearest of the K means. In
+        float64: in float32 the expanded square loses ~1e-5 to cancellation, and how much depends on the
+        matrix kernel, i.e. on how many rows are scored together; a served image's score must not depend on
+        which requests shared its forward pass (batching.py). No slower at these sizes."""
+        z = x.double() @ self.whitening.double().T
+        means = self.means.double()
+        return ((z * z).sum(1, keepdim=True) - 2 * z @ means.T + (means * means).sum(1)).amin(1)
 
 
 def fit_gaussians(x: torch.Tensor, labels: np.ndarray) -> Gaussians:
@@ -92,8 +96,9 @@ class Detector:
         In torch, on the pool of threads the network used: numpy's BLAS beside it would fight that pool for
         the cores (a single image took twice as long)."""
         embedding = outputs.embedding
-        stage = self.stages.distance(outputs.stats) if self.stages is not None else torch.zeros(len(embedding))
-        return torch.stack([energy(outputs.logits, self.temperature),
+        stage = (self.stages.distance(outputs.stats) if self.stages is not None
+                 else torch.zeros(len(embedding), dtype=torch.float64))
+        return torch.stack([energy(outputs.logits, self.temperature).double(),
                             self.classes.distance(embedding) - self.everything.distance(embedding), stage], 1).numpy()
 
     def score(self, outputs: Outputs) -> np.ndarray:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import dataclasses
 import json
 import os
@@ -28,27 +29,37 @@ from http import HTTPStatus
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from fmnist_pyfunc import metrics, monitor, ood, prediction_log, seen
-from fmnist_pyfunc.asgi_guards import BodyLimit, CleanErrors, Observed, WellFormed, send_bytes, send_json
+import numpy as np
+import pandas as pd
+from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+from mlflow.exceptions import MlflowException
+from mlflow.version import VERSION as MLFLOW_VERSION
+
+from fmnist_pyfunc import batching, contract, invocations, metrics, monitor, ood, open_inference, prediction_log, seen
+from fmnist_pyfunc.admission import MAX_IN_FLIGHT_PIXELS
+from fmnist_pyfunc.asgi_guards import RETRY_AFTER, BodyLimit, CleanErrors, Observed, WellFormed, send_bytes, send_json
 from fmnist_pyfunc.config import (
+    BATCH_MAX_ROWS,
+    BATCH_MAX_WAIT_S,
     CLASS_NAMES,
     FOLLOW_INTERVAL_S,
     LOG_MAX_DAYS,
     LOG_MAX_ROWS,
     LOG_SAMPLE_RATE,
+    MAX_QUEUED_ROWS,
     PREDICTION_ID_HEADER,
     PREDICTION_LOG_OFF,
+    REGISTERED_MODEL_NAME,
 )
 from fmnist_pyfunc.live_model import LiveModel, first_line
 from fmnist_pyfunc.prediction_log import PredictionLog
 from fmnist_pyfunc.transport import MAX_BODY_BYTES
 
-# Scoring requests one worker works on at once; MLflow's app runs each in a thread of a pool of
-# min(32, cores + 4), and ones beyond the pool would queue unseen. Past the cap: 429 and Retry-After.
-MAX_CONCURRENT_REQUESTS = 16
-RETRY_AFTER = (b"retry-after", b"1")  # seconds: a scoring request takes milliseconds to about a second
+# Bodies up to this size are parsed on the event loop (~20 us for one image): a thread hop costs more.
+INLINE_PARSE_BYTES = 64 * 2**10
 ROUTES = frozenset({"/invocations", "/ping", "/health", "/version", "/model", "/metrics", "/reload", "/monitor",
-                    "/feedback"})
+                    "/feedback", "/v2", "/v2/health", "/v2/models", "/v2/models/infer"})
+V2 = "/v2"
 LOOPBACK_CLIENTS = frozenset({"127.0.0.1", "::1"})
 # What a client mistake's answer tells it to send instead.
 INVOCATIONS_HINT = ('{"dataframe_records": [{"pixels": [[...28 numbers...], ...]} or {"image": "<base64>"}]}, '
@@ -72,6 +83,9 @@ class Settings:
     log_sample_rate: float = LOG_SAMPLE_RATE
     log_max_rows: int = LOG_MAX_ROWS
     log_max_days: float = LOG_MAX_DAYS
+    batch_max_rows: int = BATCH_MAX_ROWS  # 0: no batching, each request its own forward pass
+    batch_max_wait_s: float = BATCH_MAX_WAIT_S
+    max_queued_rows: int = MAX_QUEUED_ROWS
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: json.dumps(dataclasses.asdict(self))}
@@ -81,18 +95,39 @@ class Settings:
         return cls(**json.loads(os.environ[SETTINGS_ENV]))
 
 
-class ScoringApp:
-    """MLflow's app for whatever model `live` holds at the moment a request arrives, plus our routes; each
-    answered /invocations request is counted and, with a `log`, queued for the prediction log."""
+class Refused(Exception):
+    """A scoring request answered with an error before it reached the model: its status, error code, reason
+    and extra headers."""
 
-    def __init__(self, live: LiveModel, log: PredictionLog | None = None):
-        self.live, self.log = live, log
-        self.scoring = 0  # /invocations requests in progress (one event loop per worker: no lock needed)
+    def __init__(self, status: int, message: str, headers: list | None = None):
+        super().__init__(message)
+        self.status, self.headers = status, headers or []
+
+
+class ScoringApp:
+    """Our routes, and for scoring, MLflow's `/invocations` protocol and the Open Inference Protocol on whatever
+    model `live` holds when a request arrives: each body parsed once, rows admitted by queued work, forward
+    passes shared between concurrent requests (batching.py; batch_max_rows 0: each its own), every answer counted
+    and, with a `log`, queued for the prediction log. MLflow's app answers /ping, /version and the rest."""
+
+    def __init__(self, live: LiveModel, log: PredictionLog | None = None, batch_max_rows: int = BATCH_MAX_ROWS,
+                 batch_max_wait_s: float = BATCH_MAX_WAIT_S, max_queued_rows: int = MAX_QUEUED_ROWS):
+        self.live, self.log, self.max_queued_rows = live, log, max_queued_rows
+        self.parsing = 0      # scoring requests being read and parsed (the batcher waits for them)
+        self.batcher = (batching.Batcher(batch_max_rows, batch_max_wait_s, arriving=lambda: self.parsing)
+                        if batch_max_rows else None)
+        # rows and decoded pixels accepted and not yet answered (one event loop per worker: no lock needed)
+        self.queued_rows = self.queued_pixels = 0
+        self.timeout_s = MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()  # as MLflow's own app: then 504
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":  # lifespan: MLflow's app has nothing to start
             return await self.live.current.app(scope, receive, send)
         route = (scope["path"], scope["method"])
+        if route == ("/invocations", "POST"):
+            return await self._score(scope, receive, send, self._invocation)
+        if scope["path"] == V2 or scope["path"].startswith(V2 + "/"):
+            return await self._v2(scope, receive, send)
         if route == ("/model", "GET"):
             return await send_json(send, 200, self.live.current.info)
         if route == ("/health", "GET"):
@@ -108,39 +143,100 @@ class ScoringApp:
             return await self._feedback(scope, receive, send)
         if scope["path"] == "/reload":
             return await self._reload(scope, send)
-        if scope["path"] == "/invocations" and self.scoring >= MAX_CONCURRENT_REQUESTS:
-            return await send_json(send, 429, {
-                "error_code": HTTPStatus.TOO_MANY_REQUESTS.name,
-                "message": f"this worker is scoring {MAX_CONCURRENT_REQUESTS} requests already; retry in a moment"},
-                [RETRY_AFTER])
+        return await self.live.current.app(scope, receive, send)
+
+    @staticmethod
+    def _invocation(body: bytes, headers: dict, served):
+        """MLflow's protocol: (the model's input, params, how to answer)."""
+        data, params, unwrapped = invocations.parse(body, headers.get(b"content-type", b"").decode("latin-1"),
+                                                    served.model)
+        return data, params, lambda predictions: (invocations.dumps(predictions, unwrapped),
+                                                  [(b"content-type", b"application/json")])
+
+    async def _score(self, scope, receive, send, parse):
+        """Read, parse (once), admit by rows, predict (batched), answer with the model's headers and, for a
+        logged answer, its prediction id; errors as {"error_code", "message"} (the guards clean them)."""
         served = self.live.current  # this request's model, whatever is swapped in meanwhile
-        # Counted until its answer is complete, not until MLflow's app returns: its middleware may finish
-        # after the client has the answer and sent its next request on the same connection.
-        counted = {"on": scope["path"] == "/invocations"}
-        self.scoring += counted["on"]
-        sink: list[seen.Seen] = []  # what the model saw and answered, filled by its predict (seen.py)
-        watching = seen.WATCHER.set(sink)
-
-        def done():
-            self.scoring -= counted["on"]
-            counted["on"] = False
-
-        async def with_model_headers(message):
-            if message["type"] == "http.response.start":
-                busy = [RETRY_AFTER] if message["status"] == 429 else []  # the model's decoding budget
-                logged = self._logged(served, sink) if message["status"] == 200 else []
-                message = {**message, "headers": [*message.get("headers", []), *served.headers, *busy, *logged]}
-            elif not message.get("more_body"):
-                done()
-            await send(message)
-
         try:
-            await served.app(scope, receive, with_model_headers)
-        finally:
-            seen.WATCHER.reset(watching)
-            done()
+            body = await read_body(receive)
+            self.parsing += 1
+            try:
+                headers = dict(scope["headers"])
+                if len(body) <= INLINE_PARSE_BYTES:
+                    data, params, respond, pixels = parsed(parse, body, headers, served)
+                else:
+                    data, params, respond, pixels = await asyncio.to_thread(parsed, parse, body, headers, served)
+            finally:
+                self.parsing -= 1
+            predictions, sink = await self._predict(served, data, params, pixels)
+            answer, answer_headers = respond(predictions)
+        except Exception as exc:
+            status, payload, extra = error_answer(exc)
+            return await send_json(send, status, payload, [*served.headers, *extra])
+        logged = self._logged(served, sink)
+        await send_bytes(send, 200, answer, dict(answer_headers)[b"content-type"],
+                         [*(h for h in answer_headers if h[0] != b"content-type"), *served.headers, *logged])
         if sink:
             asyncio.get_running_loop().run_in_executor(None, count_seen, sink)
+
+    async def _predict(self, served, data, params, pixels: int):
+        """The model's answer and what it saw, once the request's work (`pixels` to decode) is admitted."""
+        rows = len(data) if isinstance(data, pd.DataFrame) else 1
+        if self.queued_rows and self.queued_rows + rows > self.max_queued_rows:
+            raise Refused(429, f"this worker has {self.queued_rows:,} rows to score already (at most "
+                               f"{self.max_queued_rows:,}); retry in a moment", [RETRY_AFTER])
+        if self.queued_pixels and self.queued_pixels + pixels > MAX_IN_FLIGHT_PIXELS:
+            raise Refused(429, f"this worker has {self.queued_pixels:,} pixels to decode already; retry in a "
+                               "moment", [RETRY_AFTER])
+        self.queued_rows += rows
+        self.queued_pixels += pixels
+        try:
+            if self.batcher is not None and isinstance(data, pd.DataFrame):
+                future = asyncio.wrap_future(self.batcher.submit(served.model, data, params))
+            else:
+                future = asyncio.get_running_loop().run_in_executor(None, batching.predict_watched, served.model,
+                                                                    data, params)
+            return await asyncio.wait_for(future, self.timeout_s)
+        finally:
+            self.queued_rows -= rows
+            self.queued_pixels -= pixels
+
+    async def _v2(self, scope, receive, send):
+        """The Open Inference Protocol (open_inference.py) on the model served now."""
+        served, path, method = self.live.current, scope["path"], scope["method"]
+        name, version = v2_identity(served)
+        if path in (V2, V2 + "/health/live", V2 + "/health/ready"):
+            if method != "GET":
+                return await send_json(send, 405, {"error_code": HTTPStatus.METHOD_NOT_ALLOWED.name,
+                                                   "message": f"GET {path}"})
+            answers = {V2: open_inference.server_metadata(MLFLOW_VERSION), V2 + "/health/live": {"live": True},
+                       V2 + "/health/ready": {"ready": True}}
+            return await send_json(send, 200, answers[path], served.headers)
+        match = open_inference.PATH.fullmatch(path)
+        if not match:
+            return await send_json(send, 404, {"error_code": HTTPStatus.NOT_FOUND.name,
+                                               "message": f"no route {path}: see GET /v2 and /v2/models/{name}"})
+        if match["name"] != name or match["version"] not in (None, version):
+            asked = match["name"] + (f" version {match['version']}" if match["version"] else "")
+            return await send_json(send, 404, {"error_code": HTTPStatus.NOT_FOUND.name, "message": (
+                f"{asked} is not served here; this server serves {name}" + (f" version {version}" if version else ""))})
+        expected = "POST" if match["action"] == "/infer" else "GET"
+        if method != expected:
+            return await send_json(send, 405, {"error_code": HTTPStatus.METHOD_NOT_ALLOWED.name,
+                                               "message": f"{expected} {path}"})
+        if match["action"] is None:
+            return await send_json(send, 200, open_inference.model_metadata(name, version, served.with_detector),
+                                   served.headers)
+        if match["action"] == "/ready":
+            return await send_json(send, 200, {"name": name, "ready": True}, served.headers)
+
+        def parse(body: bytes, headers: dict, served):
+            request = open_inference.parse_infer(body, headers.get(open_inference.HEADER_LENGTH.encode()),
+                                                 served.with_detector)
+            return request.frame, None, lambda predictions: open_inference.infer_response(
+                request, predictions, name, version)
+
+        return await self._score(scope, receive, send, parse)
 
     def _logged(self, served, sink: list[seen.Seen]) -> list:
         """Queue the answer's rows for the prediction log (before the client has the answer, so an
@@ -222,6 +318,54 @@ class ScoringApp:
         return await send_json(send, 200, self.live.status())
 
 
+def parsed(parse, body: bytes, headers: dict, served):
+    """A protocol's `parse`, and the decoded pixels its rows will cost (what admission counts besides rows)."""
+    data, params, respond = parse(body, headers, served)
+    return data, params, respond, contract.frame_pixels(data) if isinstance(data, pd.DataFrame) else 0
+
+
+async def read_body(receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+def error_answer(exc: Exception) -> tuple[int, dict, list]:
+    """A scoring request's failure -> (status, {"error_code", "message"}, extra headers)."""
+    if isinstance(exc, Refused):
+        return exc.status, {"error_code": HTTPStatus(exc.status).name, "message": str(exc)}, exc.headers
+    if isinstance(exc, open_inference.ProtocolError):
+        return exc.status, {"error_code": HTTPStatus(exc.status).name, "message": str(exc)}, []
+    if isinstance(exc, invocations.UnsupportedMedia):
+        return 415, {"error_code": HTTPStatus.UNSUPPORTED_MEDIA_TYPE.name, "message": str(exc)}, []
+    if isinstance(exc, TimeoutError):
+        return 504, {"error_code": HTTPStatus.GATEWAY_TIMEOUT.name,
+                     "message": "Request processing time exceeded limit"}, []
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return status, {"error_code": exc.error_code, "message": exc.message}, [RETRY_AFTER] if status == 429 else []
+    raise exc
+
+
+def v2_identity(served) -> tuple[str, str | None]:
+    """The model's name and version in the Open Inference Protocol's paths: the registered ones, or for a model
+    from outside the registry (a run, a folder) the project's model name and no version."""
+    version = served.info.get("version")
+    return (str(served.info["name"]) if version else REGISTERED_MODEL_NAME), (str(version) if version else None)
+
+
+def route_label(path: str) -> str:
+    """/metrics' route label: the Open Inference Protocol's paths by kind (model names and versions vary)."""
+    if path.startswith(V2 + "/models/"):
+        return "/v2/models/infer" if path.endswith("/infer") else "/v2/models"
+    if path.startswith(V2 + "/health"):
+        return "/v2/health"
+    return metrics.route_label(path, ROUTES)
+
+
 def window_rows(query: bytes) -> int:
     """GET /monitor?rows=N: compare the newest N predictions (default monitor.WINDOW_ROWS)."""
     values = parse_qs(query.decode("latin-1")).get("rows")
@@ -249,21 +393,33 @@ def parse_feedback(body: bytes) -> tuple[str, int]:
 
 
 def count_seen(sink: list[seen.Seen]) -> None:
-    """Rows by input kind and predicted class, and those flagged not clothing, from what the model saw."""
+    """Rows by input kind and predicted class, and those flagged not clothing, from what the model saw: one
+    update per label (each is a locked write to a shared file with several workers)."""
     for answered in sink:
-        for kind in answered.kinds:
-            metrics.IMAGES.labels(kind).inc()
-        for index in answered.class_index:
-            metrics.PREDICTED.labels(CLASS_NAMES[index]).inc()
+        for kind, count in collections.Counter(answered.kinds).items():
+            metrics.IMAGES.labels(kind).inc(count)
+        for index, count in enumerate(np.bincount(answered.class_index, minlength=len(CLASS_NAMES))):
+            if count:
+                metrics.PREDICTED.labels(CLASS_NAMES[index]).inc(int(count))
         if answered.ood_score is not None:
-            metrics.OUT_OF_DISTRIBUTION.inc(int((~ood.in_distribution(answered.ood_score)).sum()))
+            flagged = int((~ood.in_distribution(answered.ood_score)).sum())
+            if flagged:
+                metrics.OUT_OF_DISTRIBUTION.inc(flagged)
 
 
-def create_app(live: LiveModel, max_body_bytes: int = MAX_BODY_BYTES, log: PredictionLog | None = None):
-    """The whole scoring server around `live` (logging to `log`, if any), outermost first: metrics, body limit,
-    well-formed requests, clean errors."""
-    guarded = WellFormed(CleanErrors(ScoringApp(live, log)), "/invocations", INVOCATIONS_HINT)
-    return Observed(BodyLimit(guarded, max_body_bytes), "scoring", ROUTES)
+def v2_error_shape(scope, error: dict) -> dict:
+    """The Open Inference Protocol's errors are {"error": "<reason>"}: added beside our two fields."""
+    return {**error, "error": error["message"]} if route_label(scope["path"]).startswith(V2) else error
+
+
+def create_app(live: LiveModel, max_body_bytes: int = MAX_BODY_BYTES, log: PredictionLog | None = None,
+               batch_max_rows: int = BATCH_MAX_ROWS, batch_max_wait_s: float = BATCH_MAX_WAIT_S,
+               max_queued_rows: int = MAX_QUEUED_ROWS):
+    """The whole scoring server around `live` (logging to `log`, if any), outermost first: metrics, clean
+    errors, body limit, well-formed requests."""
+    app = ScoringApp(live, log, batch_max_rows, batch_max_wait_s, max_queued_rows)
+    guarded = BodyLimit(WellFormed(app, "/invocations", INVOCATIONS_HINT), max_body_bytes)
+    return Observed(CleanErrors(guarded, v2_error_shape), "scoring", route_label)
 
 
 def app_from_env():
@@ -276,4 +432,5 @@ def app_from_env():
         log = PredictionLog(settings.log_url, settings.log_sample_rate, settings.log_max_rows,
                             settings.log_max_days)
         atexit.register(log.flush)  # a restart or SIGTERM writes what is queued; only a kill -9 loses it
-    return create_app(live, settings.max_body_bytes, log)
+    return create_app(live, settings.max_body_bytes, log, settings.batch_max_rows, settings.batch_max_wait_s,
+                      settings.max_queued_rows)

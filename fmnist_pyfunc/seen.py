@@ -22,6 +22,11 @@ class Seen:
     probabilities: np.ndarray             # (N, 10) float32, calibrated
     ood_score: np.ndarray | None = None   # (N,) float64; None from a model without the detector
 
+    def rows(self, start: int, end: int) -> Seen:
+        """Rows start..end-1: one request's part of a batch that several shared (batching.py)."""
+        return Seen(self.images[start:end], self.kinds[start:end], self.class_index[start:end],
+                    self.probabilities[start:end], None if self.ood_score is None else self.ood_score[start:end])
+
 
 WATCHER: ContextVar[list | None] = ContextVar("fmnist_seen", default=None)
 

@@ -1,11 +1,10 @@
 """The scoring server's ASGI guards on their own: the body limit on streamed bodies, clean error bodies, the
-concurrency cap."""
+bound on bodies held at once."""
 
 import asyncio
 import json
-import types
 
-from fmnist_pyfunc import asgi_guards, live_model, scoring
+from fmnist_pyfunc import asgi_guards, scoring
 
 LIMIT = 1000
 
@@ -66,45 +65,45 @@ def test_clean_error_keeps_mlflow_reason_only():
     assert len(long) == asgi_guards.MAX_ERROR_CHARS + len("...")
 
 
-def test_a_worker_past_its_concurrency_cap_answers_429_with_retry_after():
-    """With MAX_CONCURRENT_REQUESTS scoring requests in progress, one more gets 429 with Retry-After at once;
-    a 429 from the model (its decoding budget) carries Retry-After too; once a slot frees, requests pass."""
+def test_bodies_held_at_once_are_bounded_and_the_next_one_is_told_to_retry():
+    """While requests hold `max_held_bytes` of bodies, one more gets 429 with Retry-After before its body is
+    read; once they are answered, it passes, and one body alone over the budget (within the body limit) too."""
     release = asyncio.Event()
 
-    async def model_app(scope, receive, send):
-        if scope["path"] == "/busy":
-            await send({"type": "http.response.start", "status": 429, "headers": []})
-        else:
-            await release.wait()
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+    async def inner(scope, receive, send):
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
 
-    live = types.SimpleNamespace(current=live_model.Served(model_app, {"name": "m"}, [(b"x-model-name", b"m")]))
-    app = scoring.ScoringApp(live)
-
-    async def request(path: str = "/invocations") -> dict:
-        sent = []
-
-        async def send(message):
-            sent.append(message)
-
-        await app({"type": "http", "path": path, "method": "POST", "headers": []}, None, send)
-        return {"status": sent[0]["status"], "headers": dict(sent[0]["headers"])}
+    app = asgi_guards.BodyLimit(inner, LIMIT, max_held_bytes=2 * 600)
 
     async def scenario():
-        waiting = [asyncio.create_task(request()) for _ in range(scoring.MAX_CONCURRENT_REQUESTS)]
+        held = [asyncio.create_task(_post(app, 600)) for _ in range(2)]
         await asyncio.sleep(0.01)
-        # (wait_for: without the cap the extra request would wait on the others for ever)
-        refused = await asyncio.wait_for(request(), timeout=5)
-        busy = await request("/busy")
+        refused = await asyncio.wait_for(_post(app, 600), timeout=5)
         release.set()
-        return refused, busy, await asyncio.gather(*waiting), await request()
+        return refused, await asyncio.gather(*held), await _post(app, 600)
 
-    refused, busy, served, after = asyncio.run(scenario())
+    refused, held, after = asyncio.run(scenario())
     assert refused["status"] == 429 and refused["headers"][b"retry-after"] == b"1"
-    assert busy["status"] == 429 and busy["headers"][b"retry-after"] == b"1"
-    assert [r["status"] for r in served] == [200] * scoring.MAX_CONCURRENT_REQUESTS and after["status"] == 200
-    assert all(r["headers"][b"x-model-name"] == b"m" for r in served)
+    assert [r["status"] for r in held] == [200, 200] and after["status"] == 200
+    lone = asgi_guards.BodyLimit(inner, LIMIT, max_held_bytes=100)
+    assert asyncio.run(_post(lone, 600))["status"] == 200
+
+
+async def _post(app, size: int) -> dict:
+    """One request with a body of `size` bytes, declared: the answer's status and headers."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"x" * size, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": "http", "headers": [(b"content-length", str(size).encode())]}, receive, send)
+    return {"status": sent[0]["status"], "headers": dict(sent[0]["headers"])}
 
 
 def test_serving_settings_reach_every_worker_whole(monkeypatch):
