@@ -1,11 +1,14 @@
 """Serving latency and throughput over HTTP on loopback vs. the model's in-process predict.
 
-Starts the scoring server (one worker, as `make serve`) for MODEL_URI and the UI (gunicorn) in front of it,
-then times
-on real test images:
+Starts the scoring server (one worker, as `make serve`; --workers N) for MODEL_URI and the UI (gunicorn) in
+front of it, then times on real test images, each HTTP case taking turns with the same input through the
+in-process pyfunc `predict` (the ratio is the serving overhead; bodies are encoded once, as a client that
+keeps them would):
   * single-image requests (p50/p99) for raw pixels and base64 PNG, direct and through the UI;
-  * batches of 1, 32, 256 (images/s), raw and PNG;
-  * the same inputs through the in-process pyfunc `predict` (the ratio is the serving overhead).
+  * batches of 1, 32, 256 (images/s) as JSON, raw pixels and PNG; 256 raw pixels through the Open Inference
+    Protocol as binary tensor data (V2 UINT8 [256, 28, 28], binary outputs);
+  * 16 and 64 concurrent single-image clients sending 256 requests in all, with adaptive batching on and off
+    (a server each): throughput, p50/p99 latency, statuses.
 
     python benchmarks/serve_speed.py                      # the Production model of MLFLOW_TRACKING_URI
     python benchmarks/serve_speed.py --model-uri models:/fashion-mnist-cnn@champion --requests 500
@@ -54,6 +57,21 @@ def time_calls(call, n: int) -> list[float]:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
+    return times
+
+
+def time_interleaved(calls: dict, n: int) -> dict[str, list[float]]:
+    """Each call `n` times, taking turns (a, b, a, b, ...): on a shared 2-core machine whose speed drifts
+    by tens of percent from one minute to the next, a ratio of two blocks timed one after the other measures
+    the drift; interleaved, both see the same machine."""
+    for call in calls.values():
+        call()  # warm-up
+    times = {name: [] for name in calls}
+    for _ in range(n):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
@@ -165,8 +183,9 @@ def concurrency_benchmark(args, images: np.ndarray, logs: Path) -> None:
     json_headers = {"Content-Type": "application/json"}
     for label, extra in (("batching on", ()), ("batching off", ("--batch-max-rows", "0"))):
         (logs / label.replace(" ", "-")).mkdir()
+        log = ("--prediction-log", "off") if args.log_off else ()
         with harness.scoring_and_ui(args.model_uri, harness.child_env(), logs / label.replace(" ", "-"),
-                                    scoring_workers=args.workers, scoring_args=extra) as pair:
+                                    scoring_workers=args.workers, scoring_args=(*extra, *log)) as pair:
             url = f"{pair.scoring_url}/invocations"
             concurrent_clients(url, body, json_headers, 4, 16)  # warm-up
             for clients in (16, 64):
@@ -182,11 +201,14 @@ def main() -> None:
                         help="model to serve (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=300,
                         help="single-image requests per case (default: %(default)s)")
-    parser.add_argument("--batch-repeats", type=int, default=10, help="requests per batch size (default: %(default)s)")
+    parser.add_argument("--batch-repeats", type=int, default=20, help="requests per batch size (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=1,
                         help="scoring server workers, as `make serve` (default: %(default)s)")
     parser.add_argument("--concurrent-requests", type=int, default=256,
                         help="single-image requests in the concurrency phase (default: %(default)s)")
+    parser.add_argument("--log-off", action="store_true",
+                        help="serve with --prediction-log off: its writer thread shares the cores (~10 ms of "
+                             "SQLite per 256 rows) (default: off, the log on as `make serve` runs it)")
     parser.add_argument("--skip-concurrency", action="store_true",
                         help="skip the concurrent clients phase, batching on and off (default: off)")
     parser.add_argument("--plain-mlflow", action="store_true",
@@ -206,48 +228,56 @@ def main() -> None:
     png = [{"image": contract.png_base64(img)} for img in images]
 
     logs = Path(tempfile.mkdtemp(prefix="fmnist-serve-speed-"))
+    extra = ("--prediction-log", "off") if args.log_off else ()
     with harness.scoring_and_ui(args.model_uri, harness.child_env(), logs, scoring_workers=args.workers,
-                                plain_mlflow=args.plain_mlflow) as pair:
+                                scoring_args=extra, plain_mlflow=args.plain_mlflow) as pair:
         session = harness.ui_session(pair.ui_url)  # as a browser: with the CSRF token
         url = f"{pair.scoring_url}/invocations"
         model = mlflow.pyfunc.load_model(args.model_uri)
 
-        def invoke(records, encoded: dict = {}):  # noqa: B006 -- bodies encoded once: the client's cost is not timed
-            key = (id(records), len(records))
-            body = encoded.setdefault(key, json.dumps({"dataframe_records": records}).encode())
-            session.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=60).raise_for_status()
+        # Bodies encoded once, before any timing: encoding them is the client's cost, not the server's.
+        encoded = {(name, batch): json.dumps({"dataframe_records": records[:batch]}).encode()
+                   for name, records in (("raw pixels", raw), ("base64 PNG", png)) for batch in BATCH_SIZES}
+
+        def invoke(name: str, batch: int):
+            session.post(url, data=encoded[name, batch], headers={"Content-Type": "application/json"},
+                         timeout=60).raise_for_status()
 
         print(f"model {args.model_uri}; {'mlflow models serve' if args.plain_mlflow else 'entrypoints.serve'}, "
-              f"{args.workers} worker(s); {os.cpu_count()} CPU cores; {cpu_name()}")
+              f"{args.workers} worker(s), prediction log {'off' if args.log_off else 'on'}; {os.cpu_count()} CPU "
+              f"cores; {cpu_name()}")
         png_bytes = base64.b64decode(png[0]["image"])
         for name, records in (("raw pixels", raw), ("base64 PNG", png)):
-            http = time_calls(lambda r=records: invoke(r[:1]), args.requests)
-            local = time_calls(lambda r=records: model.predict(pd.DataFrame(r[:1])), args.requests)
-            print(f"single {name:10s}  HTTP {percentiles(http)} | in-process {percentiles(local)} | "
-                  f"overhead x{np.median(http) / np.median(local):.1f}")
-        ui_times = time_calls(lambda: session.post(f"{pair.ui_url}/predict", timeout=60,
-                                                   files=[("files", ("a.png", png_bytes, "image/png"))]),
-                              args.requests)
-        direct = time_calls(lambda: invoke(png[:1]), args.requests)
-        added_ms = 1000 * (np.median(ui_times) - np.median(direct))
-        print(f"single PNG via UI   {percentiles(ui_times)} | UI adds {added_ms:.2f} ms p50")
+            times = time_interleaved({"http": lambda n=name: invoke(n, 1),
+                                      "local": lambda r=records: model.predict(pd.DataFrame(r[:1]))}, args.requests)
+            print(f"single {name:10s}  HTTP {percentiles(times['http'])} | in-process {percentiles(times['local'])} | "
+                  f"HTTP p50 x{np.median(times['http']) / np.median(times['local']):.1f} of in-process")
+        times = time_interleaved({"ui": lambda: session.post(f"{pair.ui_url}/predict", timeout=60,
+                                                             files=[("files", ("a.png", png_bytes, "image/png"))]),
+                                  "direct": lambda: invoke("base64 PNG", 1)}, args.requests)
+        added_ms = 1000 * (np.median(times["ui"]) - np.median(times["direct"]))
+        print(f"single PNG via UI   {percentiles(times['ui'])} | UI adds {added_ms:.2f} ms p50")
         for name, records in (("raw pixels", raw), ("base64 PNG", png)):
             for batch in BATCH_SIZES:
-                http = time_calls(lambda r=records, b=batch: invoke(r[:b]), args.batch_repeats)
-                local = time_calls(lambda r=records, b=batch: model.predict(pd.DataFrame(r[:b])), args.batch_repeats)
-                ratio = np.median(local) / np.median(http)
-                print(f"batch {batch:3d} {name:10s}  HTTP {batch / np.median(http):8.0f} img/s | in-process "
-                      f"{batch / np.median(local):8.0f} img/s | HTTP/in-process x{ratio:.2f}")
+                times = time_interleaved({"http": lambda n=name, b=batch: invoke(n, b),
+                                          "local": lambda r=records, b=batch: model.predict(pd.DataFrame(r[:b]))},
+                                         args.batch_repeats)
+                report_batch(f"batch {batch:3d} {name:10s}", batch, times)
         if not args.plain_mlflow:
             body, headers = v2_binary_body(images)
             infer = f"{pair.scoring_url}/v2/models/{config.REGISTERED_MODEL_NAME}/infer"
-            http = time_calls(lambda: session.post(infer, data=body, headers=headers, timeout=60).raise_for_status(),
-                              args.batch_repeats)
-            local = time_calls(lambda: model.predict(pd.DataFrame({"pixels": list(images)})), args.batch_repeats)
-            print(f"batch 256 V2 binary UINT8  HTTP {256 / np.median(http):5.0f} img/s | in-process "
-                  f"{256 / np.median(local):8.0f} img/s | HTTP/in-process x{np.median(local) / np.median(http):.2f}")
+            times = time_interleaved({
+                "http": lambda: session.post(infer, data=body, headers=headers, timeout=60).raise_for_status(),
+                "local": lambda: model.predict(pd.DataFrame({"pixels": list(images)}))}, args.batch_repeats)
+            report_batch("batch 256 V2 binary", 256, times)
     if not args.plain_mlflow and not args.skip_concurrency:
         concurrency_benchmark(args, images, logs)
+
+
+def report_batch(label: str, batch: int, times: dict[str, list[float]]) -> None:
+    http, local = np.median(times["http"]), np.median(times["local"])
+    print(f"{label}  HTTP {batch / http:8.0f} img/s | in-process {batch / local:8.0f} img/s | "
+          f"HTTP/in-process x{local / http:.2f}")
 
 
 def cpu_name() -> str:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import re
+import socket
 import threading
 import time
 import types
@@ -16,10 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import uvicorn
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_EXHAUSTED
 
+from entrypoints import serve
 from fmnist_pyfunc import batching, invocations, live_model, scoring, transport
+from fmnist_testkit import harness
 from fmnist_testkit.images import image_bytes, upscaled
 
 CLIENTS = 64  # concurrent single-image clients, as the issue's burst
@@ -240,3 +244,28 @@ def test_64_concurrent_clients_are_all_answered_in_shared_passes(scoring_url, da
     assert all(status == 200 and answer == alone[i] for i, got in enumerate(answers) for status, answer in got)
     passes, singles = _batch_passes(scoring_url)
     assert passes - passes_before < 4 * CLIENTS and passes - passes_before > singles - singles_before
+
+
+def test_several_workers_answer_without_waiting_for_a_delayed_ack(monkeypatch):
+    """With several workers the listening socket has TCP_NODELAY, and so has each connection it accepts:
+    uvicorn's own socket lacked it, an answer's headers and body went as two packets and every request
+    waited ~40 ms for the client's delayed ACK (one image: 52 ms p50 with 2 workers, ~10 ms with 1)."""
+    sockets = []
+
+    class Supervisor:  # uvicorn's Multiprocess, without starting the workers
+        def __init__(self, config, sockets: list):
+            self.sockets = sockets
+
+        def run(self):
+            sockets.extend(self.sockets)
+
+    monkeypatch.setattr(serve, "Multiprocess", Supervisor)
+    serve.run_uvicorn(uvicorn.Config("fmnist_pyfunc.scoring:app_from_env", factory=True, host="127.0.0.1",
+                                     port=harness.free_port(), workers=2))
+    (listening,) = sockets
+    listening.listen()
+    with socket.create_connection(listening.getsockname()):
+        accepted, _ = listening.accept()
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        accepted.close()
+    listening.close()
