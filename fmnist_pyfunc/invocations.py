@@ -62,7 +62,6 @@ def parse(body: bytes, content_type: str, model) -> tuple[object, dict | None, b
     """The request -> (what `model.predict` takes, its params, whether the answer is unwrapped: MLflow's
     unified LLM format). MlflowException (400) for a malformed body; UnsupportedMedia for the wrong type."""
     mime = media_type(content_type)
-    schema = model.metadata.get_input_schema()
     if mime == CSV:
         return parse_csv(body), None, False
     if mime == PARQUET:
@@ -73,7 +72,7 @@ def parse(body: bytes, content_type: str, model) -> tuple[object, dict | None, b
     if not isinstance(payload, dict):
         raise MlflowInvalidInputException(
             f"{mlflow_server.REQUIRED_INPUT_FORMAT}. Received unexpected input type '{type(payload)}.")
-    parsed = mlflow_server._parse_json_data(payload, model.metadata, schema)  # takes the dict as is
+    parsed = mlflow_server._parse_json_data(payload, model.metadata, model.metadata.get_input_schema())  # a dict as is
     return parsed.data, parsed.params, parsed.is_unified_llm_input or is_unified_llm_input(payload)
 
 

@@ -219,8 +219,8 @@ def serialize_bytes(values: np.ndarray) -> bytes:
 
 
 def infer_response(request: InferRequest, predictions: pd.DataFrame, name: str, version: str | None
-                   ) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-    """The answer's body and its extra headers: JSON, or a JSON header + binary outputs."""
+                   ) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+    """The answer's body, content type and other headers: JSON, or a JSON header + binary outputs."""
     outputs, chunks = [], []
     for output, binary in request.outputs:
         values = output_tensor(output, predictions)
@@ -237,6 +237,6 @@ def infer_response(request: InferRequest, predictions: pd.DataFrame, name: str, 
         answer["id"] = request.id
     header = orjson.dumps(answer)
     if not chunks:
-        return header, [(b"content-type", b"application/json")]
-    return header + b"".join(chunks), [(b"content-type", BINARY_CONTENT_TYPE.encode()),
-                                       (HEADER_LENGTH.encode(), str(len(header)).encode())]
+        return header, b"application/json", []
+    length = (HEADER_LENGTH.encode(), str(len(header)).encode())
+    return header + b"".join(chunks), BINARY_CONTENT_TYPE.encode(), [length]

@@ -147,11 +147,11 @@ class ScoringApp:
 
     @staticmethod
     def _invocation(body: bytes, headers: dict, served):
-        """MLflow's protocol: (the model's input, params, how to answer)."""
+        """MLflow's protocol: (the model's input, params, how to answer: predictions -> (body, content type,
+        other headers))."""
         data, params, unwrapped = invocations.parse(body, headers.get(b"content-type", b"").decode("latin-1"),
                                                     served.model)
-        return data, params, lambda predictions: (invocations.dumps(predictions, unwrapped),
-                                                  [(b"content-type", b"application/json")])
+        return data, params, lambda predictions: (invocations.dumps(predictions, unwrapped), b"application/json", [])
 
     async def _score(self, scope, receive, send, parse):
         """Read, parse (once), admit by rows, predict (batched), answer with the model's headers and, for a
@@ -169,13 +169,12 @@ class ScoringApp:
             finally:
                 self.parsing -= 1
             predictions, sink = await self._predict(served, data, params, pixels)
-            answer, answer_headers = respond(predictions)
+            answer, content_type, answer_headers = respond(predictions)
         except Exception as exc:
             status, payload, extra = error_answer(exc)
             return await send_json(send, status, payload, [*served.headers, *extra])
         logged = self._logged(served, sink)
-        await send_bytes(send, 200, answer, dict(answer_headers)[b"content-type"],
-                         [*(h for h in answer_headers if h[0] != b"content-type"), *served.headers, *logged])
+        await send_bytes(send, 200, answer, content_type, [*answer_headers, *served.headers, *logged])
         if sink:
             asyncio.get_running_loop().run_in_executor(None, count_seen, sink)
 
@@ -279,13 +278,7 @@ class ScoringApp:
         if self.log is None:
             return await send_json(send, 503, {"error_code": HTTPStatus.SERVICE_UNAVAILABLE.name,
                                                "message": "the prediction log is off: feedback needs it"})
-        body = bytearray()
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        status, answer = await asyncio.to_thread(self._store_feedback, bytes(body))
+        status, answer = await asyncio.to_thread(self._store_feedback, await read_body(receive))
         return await send_json(send, status, answer)
 
     def _store_feedback(self, body: bytes) -> tuple[int, dict]:
@@ -335,10 +328,9 @@ async def read_body(receive) -> bytes:
 
 def error_answer(exc: Exception) -> tuple[int, dict, list]:
     """A scoring request's failure -> (status, {"error_code", "message"}, extra headers)."""
-    if isinstance(exc, Refused):
-        return exc.status, {"error_code": HTTPStatus(exc.status).name, "message": str(exc)}, exc.headers
-    if isinstance(exc, open_inference.ProtocolError):
-        return exc.status, {"error_code": HTTPStatus(exc.status).name, "message": str(exc)}, []
+    if isinstance(exc, (Refused, open_inference.ProtocolError)):
+        headers = getattr(exc, "headers", [])  # a Refused request may say when to retry
+        return exc.status, {"error_code": HTTPStatus(exc.status).name, "message": str(exc)}, headers
     if isinstance(exc, invocations.UnsupportedMedia):
         return 415, {"error_code": HTTPStatus.UNSUPPORTED_MEDIA_TYPE.name, "message": str(exc)}, []
     if isinstance(exc, TimeoutError):

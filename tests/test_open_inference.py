@@ -155,7 +155,7 @@ def test_binary_bodies_are_read_as_the_extension_lays_them_out():
                                 "ood_score": [0.5, 1.5]})
     asked = open_inference.InferRequest(None, [("class_name", True), ("probabilities", True), ("ood_score", False)],
                                         "x")
-    body, headers = open_inference.infer_response(asked, predictions, NAME, "4")
+    body, _, headers = open_inference.infer_response(asked, predictions, NAME, "4")
     length = int(dict(headers)[open_inference.HEADER_LENGTH.encode()])
     result = triton.InferResult.from_response_body(body, header_length=length)
     assert result.as_numpy("class_name").tolist() == [b"Dress", b"Ankle boot"]
