@@ -5,8 +5,16 @@ free it takes everything waiting (up to `max_rows` rows, same model and params) 
 all of it, then hands each request its own rows of the answer. Under load the batches grow by themselves;
 when the server is idle a request runs at once: the thread waits up to `max_wait_s` for more only while
 other requests are still being read and parsed (`arriving`), never for requests that may never come.
-A request larger than `max_rows` runs alone. If a combined `predict` fails (one request's bad row fails the
-whole frame), each request is run alone, so each gets exactly its own answer or error.
+A request larger than `max_rows` runs alone (`max_rows` 0: every request alone). If a combined `predict`
+fails (one request's bad row fails the whole frame), each request is run alone, so each gets exactly its own
+answer or error.
+
+Nothing else in the worker runs the model, not even the check of a newly loaded version (`run`: between two
+passes). torch's CPU kernels run on libgomp (OpenMP), which gives each thread that starts a parallel region
+a pool of threads of its own; once a process holds more of them than it has CPUs, libgomp's idle threads
+stop spinning (1,000 spins instead of 300,000) and sleep after every region, and each region then waits
+for them to wake. One forward pass in a second thread (the check, run where the model was loaded) made
+every later pass slower: 256 images took 29-38 ms in the server against 23-29 ms in-process.
 
 Answers are those of unbatched requests: the same classes and probabilities, bit for bit (the network's
 outputs for a row do not depend on the rows beside it), and the same out-of-distribution score to ~1e-14
@@ -16,8 +24,10 @@ outputs for a row do not depend on the rows beside it), and the same out-of-dist
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -29,17 +39,19 @@ from fmnist_pyfunc.config import BATCH_MAX_ROWS, BATCH_MAX_WAIT_S
 
 @dataclass(eq=False)  # a job is itself: the queue removes it by identity
 class Job:
-    model: object            # the pyfunc model this request started with (a promotion may swap it meanwhile)
-    frame: pd.DataFrame
-    params: dict | None
-    future: Future = field(default_factory=Future)  # -> (answer frame, [seen.Seen]) or the request's exception
+    call: Callable           # the job run alone -> its result
+    model: object = None     # a request's pyfunc model (a promotion may swap it meanwhile); None: not a request
+    frame: pd.DataFrame | None = None  # a request's rows, which may share a pass with others'
+    params: dict | None = None
+    future: Future = field(default_factory=Future)  # -> call's result (a request: (answer frame, [seen.Seen]))
 
     @property
     def rows(self) -> int:
-        return len(self.frame)
+        return 0 if self.frame is None else len(self.frame)
 
     def joins(self, other: Job) -> bool:
-        return self.model is other.model and self.params == other.params
+        return (self.frame is not None and other.frame is not None and self.model is other.model
+                and self.params == other.params)
 
 
 def predict_watched(model, frame, params) -> tuple[pd.DataFrame, list[seen.Seen]]:
@@ -62,7 +74,18 @@ class Batcher:
         threading.Thread(target=self._serve, name="batcher", daemon=True).start()
 
     def submit(self, model, frame: pd.DataFrame, params: dict | None) -> Future:
-        job = Job(model, frame, params)
+        """A request's rows, to be predicted with others' where they can join."""
+        return self._queue(Job(functools.partial(predict_watched, model, frame, params), model, frame, params))
+
+    def call(self, fn: Callable, *args) -> Future:
+        """`fn(*args)` in the model thread, alone (a request whose input is not a frame)."""
+        return self._queue(Job(functools.partial(fn, *args)))
+
+    def run(self, fn: Callable, *args):
+        """`fn(*args)` in the model thread, waited for: how a new model version answers its check."""
+        return self.call(fn, *args).result()
+
+    def _queue(self, job: Job) -> Future:
         with self.ready:
             self.queue.append(job)
             metrics.QUEUED_ROWS.inc(job.rows)
@@ -89,7 +112,7 @@ class Batcher:
                 self.ready.wait()
             jobs = [self.queue.popleft()]
             rows, deadline = jobs[0].rows, time.monotonic() + self.max_wait_s
-            while rows < self.max_rows:
+            while jobs[0].frame is not None and rows < self.max_rows:
                 for job in [job for job in self.queue if job.joins(jobs[0])]:
                     if rows + job.rows <= self.max_rows:
                         self.queue.remove(job)
@@ -120,9 +143,10 @@ class Batcher:
                 return
         for job in jobs:
             try:
-                result = predict_watched(job.model, job.frame, job.params)
+                result = job.call()
             except Exception as exc:
                 job.future.set_exception(exc)
             else:
-                metrics.BATCH_ROWS.observe(job.rows)
+                if job.frame is not None:
+                    metrics.BATCH_ROWS.observe(job.rows)
                 job.future.set_result(result)

@@ -2,9 +2,10 @@
 
 A registry reference that can move (`models:/NAME/STAGE`, `models:/NAME@ALIAS`, `models:/NAME/latest`) is
 re-resolved every `interval_s` seconds and whenever a reload is asked for. A new version is downloaded and
-loaded by a background thread, must answer its own input example, and is then swapped in with one
-assignment: requests in flight finish on the model they started with, new ones get the new one, none waits
-on a load. A version that fails any of these steps is not served: the old one keeps answering, `health`
+loaded by a background thread, must answer its own input example (in the worker's model thread, between
+two forward passes: see batching.py), and is then swapped in with one assignment: requests in flight
+finish on the model they started with, new ones get the new one, none waits on a load. A version that
+fails any of these steps is not served: the old one keeps answering, `health`
 says degraded and why, and the failure is counted (once per version). Rolling back is promoting the old
 version again. Anything else (`models:/NAME/3`, `runs:/...`, a folder such as the image's export) is served
 as is.
@@ -96,11 +97,15 @@ def fixed_info(uri: str, path: str) -> dict:
     return {"name": uri, "version": None, "run_id": Model.load(path).run_id}
 
 
-def load_checked(path: str, info: dict) -> Served:
-    """Load the model at `path` and make it answer its own input example before anyone else asks."""
+def call(fn, *args):
+    return fn(*args)
+
+
+def load_checked(path: str, info: dict, run=call) -> Served:
+    """Load the model at `path` and make it answer its own input example (through `run`) before anyone else asks."""
     model = scoring_server.load_model_with_mlflow_config(path)
     example = model.metadata.load_input_example(path)
-    if example is not None and len(model.predict(example)) != len(example):
+    if example is not None and len(run(model.predict, example)) != len(example):
         raise ValueError("the model's answer to its input example has the wrong length")
     signature = model.metadata.signature
     info = {**info, "source": path, "loaded_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -117,12 +122,13 @@ class LiveModel:
     """`current` is what this worker serves; a daemon thread keeps it in step with a moving reference."""
 
     def __init__(self, uri: str, path: str, version: str | None, interval_s: float = FOLLOW_INTERVAL_S,
-                 trigger: Path | None = None):
-        self.uri, self.interval_s, self.trigger = uri, interval_s, trigger
+                 trigger: Path | None = None, run=call):
+        """`run(fn, *args)`: where a loaded model answers its check (the scoring worker's model thread)."""
+        self.uri, self.interval_s, self.trigger, self.run = uri, interval_s, trigger, run
         self.reference = moving_reference(uri)
         name = self.reference[0] if self.reference else (REFERENCE.fullmatch(uri) or {"name": None})["name"]
         info = registered_info(name, version) if version else fixed_info(uri, path)
-        self.current = load_checked(path, info)
+        self.current = load_checked(path, info, run)
         self.health = {"status": "ok", "reason": None}
         self._refused: str | None = None  # a version that failed: not retried until asked or replaced
         self._download: str | None = None  # the folder of the version swapped in last (for /model's `source`)
@@ -175,7 +181,7 @@ class LiveModel:
         folder = tempfile.mkdtemp(prefix=f"fmnist-{name}-v{version}-")
         try:
             path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=folder)
-            served = load_checked(path, registered_info(name, version))
+            served = load_checked(path, registered_info(name, version), self.run)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise

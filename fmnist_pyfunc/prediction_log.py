@@ -4,8 +4,9 @@ A real database through SQLAlchemy (which MLflow brings): by default a SQLite fi
 local tracking store's `mlflow.db`; in team mode the tracking store's PostgreSQL server, in tables of its own
 (`fmnist_predictions`, `fmnist_feedback`). FMNIST_PREDICTION_LOG names any other SQLAlchemy URL, or `off`.
 
-Writes leave the request path: the scoring server hands each answered request to `PredictionLog.put`, which
-only appends to a bounded in-memory queue; one thread per worker writes what is queued in batches. When the
+Writes leave the request path: the scoring server takes an id and room in a bounded in-memory queue for each
+answer (`PredictionLog.reserve`), names the id in the answer and, once the answer is sent, queues its rows
+(`fill`); one thread per worker writes what is queued in batches. When the
 store is slow or down the queue fills and further rows are dropped and counted (`fmnist_prediction_log_dropped`
 in /metrics), a failed batch too: a request never waits on the log and never fails because of it. What a
 `kill -9` of a worker can lose is what its queue held: at most QUEUE_ROWS rows, in practice the last
@@ -163,21 +164,32 @@ class PredictionLog:
         return self.sample_rate >= 1 or random.random() < self.sample_rate
 
     def put(self, model: dict, seen: Seen) -> str | None:
-        """Queue one answered request; its id, or None when the queue is full (the rows are counted as
-        dropped). Never blocks on the store."""
-        n = len(seen.images)
-        with self._ready:
-            if self._queued + n > self.queue_rows:
-                metrics.LOG_DROPPED.inc(n)
-                return None
-            request_id = uuid.uuid4().hex
-            self._pending.append(Answered(request_id, datetime.now(UTC).replace(tzinfo=None), model, seen))
-            self._queued += n
-            self._ready.notify()
+        """Queue one answered request (`reserve`, then `fill`); its id, or None when the queue is full."""
+        request_id = self.reserve(len(seen.images))
+        if request_id is not None:
+            self.fill(request_id, model, seen)
         return request_id
 
+    def reserve(self, rows: int) -> str | None:
+        """An id for an answer of `rows` rows, their room held in the queue until `fill` queues them (`flush`
+        waits for them too); None when the queue is full (the rows are counted as dropped). Never blocks on
+        the store."""
+        with self._ready:
+            if self._queued + rows > self.queue_rows:
+                metrics.LOG_DROPPED.inc(rows)
+                return None
+            self._queued += rows
+        return uuid.uuid4().hex
+
+    def fill(self, request_id: str, model: dict, seen: Seen) -> None:
+        """Queue the rows `reserve` made room for under `request_id`."""
+        with self._ready:
+            self._pending.append(Answered(request_id, datetime.now(UTC).replace(tzinfo=None), model, seen))
+            self._ready.notify()
+
     def flush(self, timeout_s: float = 5.0) -> bool:
-        """Wait until what is queued now has been written (or dropped); whether it was, within `timeout_s`."""
+        """Wait until what is queued or reserved now has been written (or dropped); whether it was, within
+        `timeout_s`."""
         deadline = time.monotonic() + timeout_s
         with self._ready:
             self._ready.notify()

@@ -62,6 +62,19 @@ def _seen(dataset, n: int, start: int = 0) -> Seen:
     return Seen(dataset.test_images[start:start + n], ["pixels"] * n, labels, _probabilities(labels), None)
 
 
+def test_a_reserved_answer_holds_its_room_and_flush_waits_for_its_rows(tmp_path, dataset):
+    """The server names an answer's id before sending it and queues its rows after: the reserved rows count
+    against the queue, and a flush (what /feedback does for an id it cannot find yet) waits until they are
+    queued and written."""
+    log = prediction_log.PredictionLog(f"sqlite:///{tmp_path}/p.db", queue_rows=100)
+    request_id = log.reserve(60)
+    assert log.put({"name": "m", "version": "3", "run_id": "r"}, _seen(dataset, 41)) is None  # 60 + 41 > 100
+    assert not log.flush(timeout_s=0.3)  # reserved, not yet queued
+    log.fill(request_id, {"name": "m", "version": "3", "run_id": "r"}, _seen(dataset, 60))
+    assert log.flush()
+    assert len(prediction_log.recent(log.engine, 1000, "r")) == 60
+
+
 def test_the_log_writes_queued_requests_and_drops_what_its_queue_cannot_hold(tmp_path, dataset):
     """Queued answers are written with their images and classes; a request that does not fit the queue is
     dropped at once and counted, never waited for."""
