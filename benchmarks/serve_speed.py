@@ -51,13 +51,7 @@ def percentiles(samples: list[float]) -> str:
 
 
 def time_calls(call, n: int) -> list[float]:
-    call()  # warm-up
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
+    return time_interleaved({"call": call}, n)["call"]
 
 
 def time_interleaved(calls: dict, n: int) -> dict[str, list[float]]:

@@ -39,11 +39,11 @@ from fmnist_pyfunc.config import BATCH_MAX_ROWS, BATCH_MAX_WAIT_S
 
 @dataclass(eq=False)  # a job is itself: the queue removes it by identity
 class Job:
-    call: Callable           # the job run alone -> its result
-    model: object = None     # a request's pyfunc model (a promotion may swap it meanwhile); None: not a request
-    frame: pd.DataFrame | None = None  # a request's rows, which may share a pass with others'
+    model: object = None     # a request's pyfunc model (a promotion may swap it meanwhile)
+    frame: pd.DataFrame | None = None  # a request's rows, which may share a pass with others'; None: a call
     params: dict | None = None
-    future: Future = field(default_factory=Future)  # -> call's result (a request: (answer frame, [seen.Seen]))
+    call: Callable | None = None  # instead of a request: a function run alone in the model thread
+    future: Future = field(default_factory=Future)  # -> (answer frame, [seen.Seen]), or the call's result
 
     @property
     def rows(self) -> int:
@@ -52,6 +52,9 @@ class Job:
     def joins(self, other: Job) -> bool:
         return (self.frame is not None and other.frame is not None and self.model is other.model
                 and self.params == other.params)
+
+    def run_alone(self):
+        return self.call() if self.call else predict_watched(self.model, self.frame, self.params)
 
 
 def predict_watched(model, frame, params) -> tuple[pd.DataFrame, list[seen.Seen]]:
@@ -75,11 +78,11 @@ class Batcher:
 
     def submit(self, model, frame: pd.DataFrame, params: dict | None) -> Future:
         """A request's rows, to be predicted with others' where they can join."""
-        return self._queue(Job(functools.partial(predict_watched, model, frame, params), model, frame, params))
+        return self._queue(Job(model, frame, params))
 
     def call(self, fn: Callable, *args) -> Future:
         """`fn(*args)` in the model thread, alone (a request whose input is not a frame)."""
-        return self._queue(Job(functools.partial(fn, *args)))
+        return self._queue(Job(call=functools.partial(fn, *args)))
 
     def run(self, fn: Callable, *args):
         """`fn(*args)` in the model thread, waited for: how a new model version answers its check."""
@@ -125,6 +128,8 @@ class Batcher:
             return jobs
 
     def _run(self, jobs: list[Job]) -> None:
+        if not jobs:  # all cancelled while queued
+            return
         first = jobs[0]
         if len(jobs) > 1:
             try:
@@ -143,7 +148,7 @@ class Batcher:
                 return
         for job in jobs:
             try:
-                result = job.call()
+                result = job.run_alone()
             except Exception as exc:
                 job.future.set_exception(exc)
             else:

@@ -97,11 +97,7 @@ def fixed_info(uri: str, path: str) -> dict:
     return {"name": uri, "version": None, "run_id": Model.load(path).run_id}
 
 
-def call(fn, *args):
-    return fn(*args)
-
-
-def load_checked(path: str, info: dict, run=call) -> Served:
+def load_checked(path: str, info: dict, run) -> Served:
     """Load the model at `path` and make it answer its own input example (through `run`) before anyone else asks."""
     model = scoring_server.load_model_with_mlflow_config(path)
     example = model.metadata.load_input_example(path)
@@ -121,8 +117,8 @@ def load_checked(path: str, info: dict, run=call) -> Served:
 class LiveModel:
     """`current` is what this worker serves; a daemon thread keeps it in step with a moving reference."""
 
-    def __init__(self, uri: str, path: str, version: str | None, interval_s: float = FOLLOW_INTERVAL_S,
-                 trigger: Path | None = None, run=call):
+    def __init__(self, uri: str, path: str, version: str | None, run, interval_s: float = FOLLOW_INTERVAL_S,
+                 trigger: Path | None = None):
         """`run(fn, *args)`: where a loaded model answers its check (the scoring worker's model thread)."""
         self.uri, self.interval_s, self.trigger, self.run = uri, interval_s, trigger, run
         self.reference = moving_reference(uri)

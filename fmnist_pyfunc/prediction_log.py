@@ -6,12 +6,12 @@ local tracking store's `mlflow.db`; in team mode the tracking store's PostgreSQL
 
 Writes leave the request path: the scoring server takes an id and room in a bounded in-memory queue for each
 answer (`PredictionLog.reserve`), names the id in the answer and, once the answer is sent, queues its rows
-(`fill`); one thread per worker writes what is queued in batches. When the
-store is slow or down the queue fills and further rows are dropped and counted (`fmnist_prediction_log_dropped`
-in /metrics), a failed batch too: a request never waits on the log and never fails because of it. What a
-`kill -9` of a worker can lose is what its queue held: at most QUEUE_ROWS rows, in practice the last
-FLUSH_INTERVAL_S of answers. Several workers (and servers) write to one store safely: every row has its own
-key, and SQLite runs in WAL mode with a busy timeout.
+(`fill`); one thread per worker writes what is queued in batches. When the store is slow or down the queue
+fills and further rows are dropped and counted (`fmnist_prediction_log_dropped` in /metrics), a failed batch
+too: a request never waits on the log and never fails because of it. What a `kill -9` of a worker can lose
+is what its queue held: at most QUEUE_ROWS rows, in practice the last FLUSH_INTERVAL_S of answers. Several
+workers (and servers) write to one store safely: every row has its own key, and SQLite runs in WAL mode with
+a busy timeout.
 
 Retention: rows older than `max_days` and beyond the newest `max_rows` are deleted (every PRUNE_INTERVAL_S, by
 whichever worker gets there), except predictions that carry feedback: those are labelled data for retraining.

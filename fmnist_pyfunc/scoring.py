@@ -421,8 +421,8 @@ def app_from_env():
     """uvicorn's factory: each worker process builds its own live model and app from serve.py's Settings."""
     settings = Settings.from_env()
     batcher = batching.Batcher(settings.batch_max_rows, settings.batch_max_wait_s)  # first: the check runs in it
-    live = LiveModel(settings.model_uri, settings.model_path, settings.model_version, settings.follow_interval_s,
-                     Path(settings.reload_trigger) if settings.reload_trigger else None, batcher.run)
+    live = LiveModel(settings.model_uri, settings.model_path, settings.model_version, batcher.run,
+                     settings.follow_interval_s, Path(settings.reload_trigger) if settings.reload_trigger else None)
     log = None
     if settings.log_url != PREDICTION_LOG_OFF:
         log = PredictionLog(settings.log_url, settings.log_sample_rate, settings.log_max_rows,
