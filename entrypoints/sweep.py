@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(sweep.PRESETS), default="default",
                         help="search space and budget (default: %(default)s)")
     parser.add_argument("--n-trials", type=int, default=0,
-                        help="trials to complete in the study, across restarts and workers (default: the preset's)")
+                        help="trials to complete in the study, across restarts and workers (default: as many as the "
+                             "budget holds, at most the preset's: " + ", ".join(
+                                 f"{name} {preset.max_trials}" for name, preset in sweep.PRESETS.items()) + ")")
     parser.add_argument("--budget-minutes", type=float, default=0,
                         help="wall time for the trials and their evaluation, on any machine; promotion follows "
                              "(default: the preset's: " + ", ".join(f"{name} {preset.budget_minutes:g}"

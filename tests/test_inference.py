@@ -1,7 +1,11 @@
-"""The number format follows the hardware, training runs in either format, and the GPU benchmark's path works
-on a CPU with a tiny budget (no test needs a GPU)."""
+"""The number format follows the hardware, training runs in either format, the CPU-kind runner gives the
+kernels and format of slower CPUs, and the GPU benchmark's path works on a CPU with a tiny budget (no test
+needs a GPU)."""
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +40,25 @@ def test_selection_score_is_the_served_models_validation_accuracy(dataset):
     logits = inference.logits(result.model, dataset.train_images[val_idx], True, result.bf16)
     served = inference.calibrated(logits, result.temperature)
     assert result.best_val_accuracy == float((served.argmax(1) == dataset.train_labels[val_idx]).mean())
+
+
+AVX512 = " avx512f" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.mark.parametrize("kind, capability", [
+    ("avx2", "AVX2"),
+    pytest.param("avx512", "AVX512", marks=pytest.mark.skipif(not AVX512, reason="this CPU has AVX2 only"))])
+def test_cpu_kind_runner_caps_the_kernels_and_turns_native_bf16_off(kind, capability):
+    """benchmarks/cpu_kind/run KIND runs a command with ATen's kernels capped at KIND and no native bf16, so
+    precision auto trains in fp32 as it does on such a CPU; an unknown kind is refused."""
+    probe = ("import torch; from fmnist_pyfunc import inference; cpu = torch.device('cpu'); "
+             "print(torch.backends.cpu.get_cpu_capability(), inference.use_bf16('auto', cpu))")
+    runner = REPO / "benchmarks" / "cpu_kind" / "run"
+    done = subprocess.run([runner, kind, sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [capability, "False"]
+    refused = subprocess.run([runner, "sse", "true"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "avx2|avx512" in refused.stderr
 
 
 def test_gpu_benchmark_runs_on_cpu_with_a_tiny_budget():

@@ -150,3 +150,30 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tracking_uri, tmp_pat
                                                 f"sqlite:///{tmp_path}/optuna.db", "flaky", dataset)
     states = sorted(t.state.name for t in study.trials)
     assert states == ["COMPLETE", "COMPLETE", "FAIL"] and best_run_id is not None
+
+
+def test_a_machine_faster_than_measured_searches_on_until_the_deadline(tracking_uri, tmp_path, dataset, monkeypatch):
+    """The plan's trial count comes from a few timed steps; when trials run faster than those promised (a
+    machine's speed drifts by tens of percent), the study does not stop at that estimate with the budget left
+    idle: it runs trials while one still fits before the deadline, up to the preset's bound."""
+    preset = sweep.PRESETS["quick"]
+    measured = sweep_plan.Cost(epoch_s=2.0, evaluation_s=2.0)  # a 3-epoch trial: 8 s as timed, ~0.1 s as run
+    monkeypatch.setattr(sweep_plan, "measure", lambda cfg, ds: measured)
+
+    def fast_objective(preset, dataset, parent_run_id, base, budget, deadline):
+        def objective(trial: optuna.Trial) -> float:
+            slot = budget.claim(trial)
+            trial.set_user_attr("mlflow_run_id", parent_run_id)
+            time.sleep(0.1)
+            budget.finished(slot)
+            return 0.5 + slot / 100
+        return objective
+
+    monkeypatch.setattr(sweep, "make_objective", fast_objective)
+    mlflow.set_experiment("e2e-faster")
+    with mlflow.start_run() as parent:
+        study, best_run_id, promoter = sweep.run_sweep("quick", 0, 0.5, 1, 0, f"sqlite:///{tmp_path}/optuna.db",
+                                                       "faster", dataset)
+    planned = int(mlflow.get_run(parent.info.run_id).data.tags["sweep.plan"].split()[0])
+    assert planned < preset.max_trials
+    assert len(study.trials) == preset.max_trials and best_run_id == parent.info.run_id and promoter

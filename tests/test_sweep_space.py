@@ -143,7 +143,7 @@ def test_progress_counts_down_the_budget_and_says_when_no_trial_can_start(capsys
     study.optimize(lambda trial: 0.9, n_trials=1)
     plan = sweep_plan.Plan(width=32, epochs=10, n_trials=8, min_trials=3, cost=sweep_plan.Cost(10, 20),
                            warmup_epochs=3, budget_s=600)
-    sweep.progress_printer(8, sweep_plan.Deadline(time.time() + 300, plan))(study, study.trials[0])
+    sweep.progress_printer(sweep_plan.Deadline(time.time() + 300, plan))(study, study.trials[0])
     assert "5.0 min of the budget left" in capsys.readouterr().out
-    sweep.progress_printer(8, sweep_plan.Deadline(time.time() + 50, plan))(study, study.trials[0])
+    sweep.progress_printer(sweep_plan.Deadline(time.time() + 50, plan))(study, study.trials[0])
     assert "no new trial: 0.8 min left, and a trial needs 1.0" in capsys.readouterr().out
