@@ -152,7 +152,7 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tracking_uri, tmp_pat
     assert states == ["COMPLETE", "COMPLETE", "FAIL"] and best_run_id is not None
 
 
-def test_a_machine_faster_than_measured_searches_on_until_the_deadline(tracking_uri, tmp_path, dataset, monkeypatch):
+def test_a_machine_faster_than_measured_searches_past_the_plans_estimate(tracking_uri, tmp_path, dataset, monkeypatch):
     """The plan's trial count comes from a few timed steps; when trials run faster than those promised (a
     machine's speed drifts by tens of percent), the study does not stop at that estimate with the budget left
     idle: it runs trials while one still fits before the deadline, up to the preset's bound."""
