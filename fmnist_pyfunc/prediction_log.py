@@ -115,11 +115,15 @@ def connect(url: str) -> Engine:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never block the writers
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
-    try:
-        METADATA.create_all(engine, checkfirst=True)
-    except sa.exc.DBAPIError:  # another worker created them between our check and our CREATE: they exist now
-        METADATA.create_all(engine, checkfirst=True)
-    return engine
+    # Another worker may create a table between our check and our CREATE: once per table at most, so one more
+    # attempt than there are tables always ends with all of them (a CI run lost the race on both tables).
+    for attempt in range(len(METADATA.tables) + 1):
+        try:
+            METADATA.create_all(engine, checkfirst=True)
+            return engine
+        except sa.exc.DBAPIError:
+            if attempt == len(METADATA.tables):
+                raise
 
 
 @dataclass(frozen=True)
