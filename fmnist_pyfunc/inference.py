@@ -58,6 +58,16 @@ def _mirror_mean(x: torch.Tensor, n: int, tta: bool) -> torch.Tensor:
     return (x[:n] + x[n:]) / 2 if tta else x
 
 
+def _channel_mean_std(x: torch.Tensor) -> list[torch.Tensor]:
+    """Each channel's mean and standard deviation over the image (N, C, H, W) -> two (N, C). Two passes, as
+    torch.std, written out: its CPU kernel on channels_last maps costs ~10x this (2.3 vs 0.26 ms for the default
+    network's first stage at 128 images, 16 % of a 64-image request), to within float32 rounding."""
+    mean = x.mean((2, 3), keepdim=True)
+    centred = x - mean
+    variance = (centred * centred).sum((2, 3)) / (x.shape[2] * x.shape[3] - 1)
+    return [mean.flatten(1), variance.sqrt()]
+
+
 @torch.inference_mode()
 def forward(network: torch.nn.Sequential, images: np.ndarray, tta: bool, bf16: bool) -> Outputs:
     """One pass over images (N, 28, 28) on the 0-255 scale, in batches of BATCH_SIZE. With `tta`, the features
@@ -77,8 +87,7 @@ def forward(network: torch.nn.Sequential, images: np.ndarray, tta: bool, bf16: b
             for index, module in enumerate(network[:-1]):
                 x = module(x)
                 if index in ends:
-                    channels = x.float()
-                    stats += [channels.mean((2, 3)), channels.std((2, 3))]
+                    stats += _channel_mean_std(x.float())
             features = _mirror_mean(x.float(), n, tta)
             logits = network[-1](features).float()
         # The last stage's channel means: the last layer's input without its spatial layout (128 numbers instead

@@ -129,6 +129,16 @@ def test_the_log_goes_beside_the_tracking_store_unless_configured(monkeypatch, t
     assert prediction_log.default_url("sqlite:///x/mlflow.db") == "off"
 
 
+def test_a_sqlite_log_is_written_ahead_without_a_sync_per_commit(tmp_path):
+    """Every connection of a SQLite log is in WAL mode (readers never block the writers) with synchronous NORMAL:
+    commits are not synced one by one (a power cut may lose the last moments' rows, never the file)."""
+    engine = prediction_log.connect(f"sqlite:///{tmp_path}/predictions.db")
+    with engine.connect() as one, engine.connect() as other:
+        for connection in (one, other):
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL (FULL is 2)
+
+
 def test_the_sample_rate_logs_that_share_of_requests(tmp_path, monkeypatch):
     """--log-sample-rate r logs about r of the requests (1: every one, 0: none)."""
     values = iter(np.random.default_rng(0).random(10_000))

@@ -10,8 +10,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from fmnist_pyfunc import config, contract, inference, ood, promotion, training
+from fmnist_pyfunc import config, contract, inference, models, ood, promotion, training
 from fmnist_pyfunc.pyfunc_model import CONFIG_ARTIFACT, WEIGHTS_ARTIFACT
 from fmnist_testkit import outliers
 from fmnist_testkit.images import encode
@@ -127,3 +128,19 @@ def test_models_logged_before_the_detector_keep_serving_and_pass_the_gate(traine
     assert not {"in_distribution", "ood_score"} & set(answer.columns) and len(answer) == 5
     small = dataclasses.replace(dataset, test_images=dataset.test_images[:1000], test_labels=dataset.test_labels[:1000])
     assert promotion.heldout_scores(old.model_uri, small) == promotion.heldout_scores(uri, small)
+
+
+def test_the_detectors_channel_statistics_are_each_channels_mean_and_std(trained, dataset):
+    """The per-stage statistics the detector reads are every channel's mean and standard deviation over the
+    image (as torch.mean and torch.std give them, to float32 rounding), for real test images through a trained
+    network in its channels_last layout."""
+    result, _ = trained
+    network = result.model.to("cpu").eval()
+    x = models.normalize(dataset.test_images[:64]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        for module in network[:4]:  # the first stage: conv, pool, BatchNorm, ReLU
+            x = module(x)
+        mean, std = inference._channel_mean_std(x)
+    np.testing.assert_allclose(mean, x.mean((2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, x.std((2, 3)), rtol=1e-5, atol=1e-6)
+    assert std.shape == (64, x.shape[1]) and (std > 0).any()
